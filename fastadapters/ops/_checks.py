@@ -1,0 +1,54 @@
+"""Input validation shared by the ops: one clear ValueError/TypeError naming the argument."""
+
+import math
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def describe(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, min_ndim: int | None = None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {describe(t)}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got {describe(t)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got {describe(t)}")
+    return t
+
+
+def check_shape(name: str, t: Tensor, expected: tuple, meaning: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} ({meaning}), got {describe(t)}")
+
+
+def check_like(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    """t must share ref's device and dtype."""
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {describe(t)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {describe(t)}")
+
+
+def check_scale(name: str, scale) -> float:
+    if isinstance(scale, Tensor) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"{name} must be a finite Python float, got {scale!r}")
+    return float(scale)
+
+
+def check_dropout(dropout_p) -> float:
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def new_seed() -> Tensor:
+    """A dropout seed drawn from torch's default generator (so torch.manual_seed reproduces it)."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64)

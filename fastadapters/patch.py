@@ -1,0 +1,181 @@
+"""Apply adapters to a HuggingFace model in place, and undo it.
+
+Placement lives in per-family tables: adding a family means adding rows, not code. Each adapter kind
+registers (apply, remove) in ADAPTER_KINDS keyed by its config class; `apply` validates everything
+before it changes the model, so a bad config leaves the model untouched.
+"""
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from fastadapters.config import LoraConfig
+from fastadapters.layers import AdapterModule, LoraGroup, LoraLinear
+
+# Default LoRA targets of LLM-Adapters' finetune script (GPT-2 has no q/v split: its fused c_attn).
+LORA_TARGETS = {
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "opt": ("q_proj", "v_proj"),
+    "gptj": ("q_proj", "v_proj"),
+    "gpt2": ("c_attn",),
+    "bloom": ("query_key_value",),
+    "gpt_neox": ("query_key_value",),
+}
+
+# Linear layers that read the same input tensor; their LoRAs share one shrink (the grouped op).
+SHARED_INPUT_GROUPS = {
+    "llama": (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
+    "mistral": (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
+    "qwen2": (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
+    "opt": (("q_proj", "k_proj", "v_proj"),),
+    "gptj": (("q_proj", "k_proj", "v_proj"),),
+}
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def resolve_targets(model: nn.Module, targets, table: dict, what: str) -> list[str]:
+    """The target names: the given list, else the family's default from `table`."""
+    if targets is not None:
+        return list(targets)
+    kind = model_type(model)
+    if kind not in table:
+        raise ValueError(
+            f"model_type {kind!r} has no default {what} targets (known families: {sorted(table)}); "
+            "pass target_modules explicitly"
+        )
+    return list(table[kind])
+
+
+def matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def find_targets(model: nn.Module, targets: list[str], types=LINEAR_TYPES) -> dict[str, nn.Module]:
+    """name -> module for every module matching a target; each target must match at least one module."""
+    found, unmatched = {}, []
+    named = [(n, m) for n, m in model.named_modules() if n and not isinstance(m, AdapterModule)]
+    for target in targets:
+        hits = [(n, m) for n, m in named if matches(n, target)]
+        if not hits:
+            unmatched.append(target)
+        for n, m in hits:
+            if not isinstance(m, types):
+                raise ValueError(
+                    f"target module {n!r} is a {type(m).__name__}; expected one of "
+                    f"{[t.__name__ for t in types]}"
+                )
+            found[n] = m
+    if unmatched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in named if isinstance(m, LINEAR_TYPES)})
+        raise ValueError(f"target_modules {unmatched} match no module of the model; its linear layers are {leaves}")
+    return found
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _apply_lora(model: nn.Module, config: LoraConfig) -> None:
+    targets = find_targets(model, resolve_targets(model, config.target_modules, LORA_TARGETS, "LoRA"))
+    layers = {}
+    for name, base in targets.items():
+        layers[name] = LoraLinear(base, config.r, config.scale, config.lora_dropout, config.init_lora_weights)
+    for name, layer in layers.items():
+        set_submodule(model, name, layer)
+    for group in SHARED_INPUT_GROUPS.get(model_type(model), ()):
+        parents = {n.rpartition(".")[0] for n in layers if n.rpartition(".")[2] == group[0]}
+        for parent in parents:
+            members = [layers.get(f"{parent}.{leaf}" if parent else leaf) for leaf in group]
+            members = [m for m in members if m is not None]
+            if len(members) > 1:
+                shared = LoraGroup(members)
+                for m in members:
+                    m.group = shared
+
+
+def _remove_wrappers(model: nn.Module, cls: type) -> None:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, cls):
+            if isinstance(module, LoraLinear):
+                module.unmerge()
+            set_submodule(model, name, module.base_layer)
+
+
+ADAPTER_KINDS = {LoraConfig: (_apply_lora, lambda model: _remove_wrappers(model, LoraLinear))}
+
+
+def apply(model: nn.Module, config) -> nn.Module:
+    """Adds the adapter described by `config` to `model` in place, freezes everything else, returns model."""
+    if getattr(model, "fastadapters_config", None) is not None:
+        raise ValueError("model already has a fastadapters adapter; call fastadapters.remove(model) first")
+    if type(config) not in ADAPTER_KINDS:
+        raise TypeError(f"config must be one of {[c.__name__ for c in ADAPTER_KINDS]}, got {type(config).__name__}")
+    add, _ = ADAPTER_KINDS[type(config)]
+    was_trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    add(model, config)
+    adapter_ids = {id(p) for _, p in adapter_named_parameters(model)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in adapter_ids)
+    model.fastadapters_config = config
+    model._fastadapters_was_trainable = was_trainable
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Removes the adapter (unmerging first) and restores the base model and its requires_grad flags."""
+    config = _config(model)
+    _, drop = ADAPTER_KINDS[type(config)]
+    drop(model)
+    for n, p in model.named_parameters():
+        p.requires_grad_(model._fastadapters_was_trainable.get(n, p.requires_grad))
+    del model.fastadapters_config, model._fastadapters_was_trainable
+    return model
+
+
+def _config(model: nn.Module):
+    config = getattr(model, "fastadapters_config", None)
+    if config is None:
+        raise ValueError("model has no fastadapters adapter; call fastadapters.apply(model, config) first")
+    return config
+
+
+def _lora_layers(model: nn.Module) -> list[LoraLinear]:
+    if not isinstance(_config(model), LoraConfig):
+        raise ValueError(f"merge/unmerge apply to LoRA adapters, not {type(_config(model)).__name__}")
+    return [m for m in model.modules() if isinstance(m, LoraLinear)]
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Folds scale·BA into each base weight; forward then runs the base layers only."""
+    for layer in _lora_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undoes `merge`."""
+    for layer in _lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def adapter_named_parameters(model: nn.Module):
+    """(full name, parameter) for every adapter parameter of the model."""
+    for mod_name, module in model.named_modules():
+        if isinstance(module, AdapterModule):
+            for name, p in module.adapter_named_parameters():
+                yield (f"{mod_name}.{name}" if mod_name else name), p
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; works on meta-device models."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
