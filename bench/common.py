@@ -18,6 +18,15 @@ import torch
 
 BASELINES = ("peft", "eager", "frozen", "base", "reference")
 
+# FASTADAPTERS_BENCH_SMOKE=1 shrinks every shape so the bodies run once, untimed, as smoke tests
+# (`pytest bench --benchmark-disable`); every bench file picks its shapes through `pick`.
+SMOKE = os.environ.get("FASTADAPTERS_BENCH_SMOKE") == "1"
+
+
+def pick(real, smoke):
+    """`smoke` under FASTADAPTERS_BENCH_SMOKE=1, else `real` (the shape the issue asks to measure)."""
+    return smoke if SMOKE else real
+
 
 def on_gpu() -> bool:
     return torch.cuda.is_available()
