@@ -17,7 +17,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests -n 2 --dist loadfile
 
 bench: $(STAMP)
-	$(PY) -m bench
+	$(PY) -m bench --update-readme
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -27,7 +27,8 @@ def _extensions():
     except ImportError:
         return [], {}
     sources = ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    # No -std here: torch's build adds the standard its headers need.
+    cxx = ["-O3", "-fopenmp", "-Wno-psabi"]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     use_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None and cuda_sources
     if use_cuda:
@@ -35,7 +36,7 @@ def _extensions():
             "fastadapters._C",
             sources + cuda_sources,
             define_macros=[("FASTADAPTERS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -7,7 +7,14 @@ Providers: "reference", "peft", "eager", "frozen"/"base" (the layer without adap
 "fastadapters-<backend>". Within one group the report gives every provider's time ratio to each
 baseline present (peft, eager, frozen, base, reference). Extra keys the report understands:
 saved_bytes (bytes saved for backward), tokens (tokens processed per call, for tokens/s),
-flops and bytes (work per call, for TFLOP/s and GB/s on a GPU), rank, peak_rss_mb.
+flops and bytes (work per call, for TFLOP/s and GB/s on a GPU), rank, peak_rss_mb,
+max_memory_allocated_mb.
+
+Timing: call `benchmark(fn)` (or `benchmark.pedantic(...)`) as usual. On a GPU, bench/conftest.py
+wraps the fixture so that `benchmark(fn)` times fn with CUDA events (`triton.testing.do_bench`,
+L2 flushed between runs) and stores those times as the pytest-benchmark stats, and `pedantic`
+synchronises the device around each round; both record torch.cuda.max_memory_allocated.
+Shapes: `pick(real, smoke, gpu=...)`; `python -m bench` runs the suite and writes the report.
 """
 
 import contextlib
@@ -23,9 +30,17 @@ BASELINES = ("peft", "eager", "frozen", "base", "reference")
 SMOKE = os.environ.get("FASTADAPTERS_BENCH_SMOKE") == "1"
 
 
-def pick(real, smoke):
-    """`smoke` under FASTADAPTERS_BENCH_SMOKE=1, else `real` (the shape the issue asks to measure)."""
-    return smoke if SMOKE else real
+def pick(real, smoke, gpu=None):
+    """`smoke` under FASTADAPTERS_BENCH_SMOKE=1, else `gpu` on a GPU when given, else `real`.
+
+    `real` is the shape the issue asks to measure on the CPU (the quick suite, < 10 min on 2 cores);
+    `gpu` the realistic GPU shapes (4096-wide layers, ranks 8-64, batch 1-256, 16+ adapters).
+    """
+    if SMOKE:
+        return smoke
+    if gpu is not None and on_gpu():
+        return gpu
+    return real
 
 
 def on_gpu() -> bool:
@@ -78,8 +93,26 @@ def saved_bytes(fn, exclude=()) -> int:
     return sum(seen.values())
 
 
+def reset_peak_rss() -> bool:
+    """Resets this process's peak RSS (Linux: /proc/self/clear_refs), so that peak_rss_mb() measures
+    from now on; returns False where that is not possible (peak_rss_mb() is then the process's peak)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB."""
+    """Peak resident set size of this process (since the last reset_peak_rss()), in MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

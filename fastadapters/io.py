@@ -132,8 +132,14 @@ def save_peft(model: nn.Module, directory: str) -> None:
     if not isinstance(config, LoraConfig):
         raise ValueError(f"PEFT export supports LoRA adapters only, not {type(config).__name__}")
     state = {PEFT_PREFIX + k: v for k, v in adapter_state_dict(model).items()}
-    targets = sorted({k[len(PEFT_PREFIX) :].rsplit(".", 2)[0].rsplit(".", 1)[-1] for k in state})
     from fastadapters.layers import LoraLinear
+
+    adapted = {n for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    targets = sorted({n.rsplit(".", 1)[-1] for n in adapted})
+    # peft matches target names by suffix: leaf names are what peft itself writes, but when a leaf name
+    # also names modules without an adapter (GPT-2's attn.c_proj and mlp.c_proj), list full paths instead.
+    if any(n.rsplit(".", 1)[-1] in targets and n not in adapted for n, _ in model.named_modules()):
+        targets = sorted(adapted)
 
     fan_in_fan_out = any(m.fan_in_fan_out for m in model.modules() if isinstance(m, LoraLinear))
     peft_config = {

@@ -129,3 +129,76 @@ class LoraGroup:
         ref = weakref.ref(x)
         self._pending = {id(m): (ref, x._version, y) for m, y in zip(members, ys) if m is not layer}
         return ys[members.index(layer)]
+
+
+class BottleneckAdapter(AdapterModule):
+    """A frozen nn.Linear (or HF Conv1D) with an LLM-Adapters bottleneck A(t) = s · up(f(down(drop(t)))).
+
+    kind "mh" (on the input): base(x + A(x)); "output": h + A(h) with h = base(x); "parallel": base(x) + A(x).
+    Parameters keep LLM-Adapters' names: adapter_down.weight [b, d], adapter_up.weight [d', b] (no bias) and,
+    with learned scaling, adapter_scaling [1]. They are kept in fp32 when the base is fp16/bf16 and cast to
+    the compute dtype for the fused op.
+    """
+
+    KINDS = ("mh", "output", "parallel")
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        kind: str,
+        bottleneck_size: int,
+        non_linearity: str,
+        adapter_dropout: float = 0.0,
+        scaling: float | str = 1.0,
+        init_weights: str = "bert",
+    ):
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+        self.base_layer = base_layer
+        self.kind = kind
+        d_in, d_out = linear_shape(base_layer)
+        a_in, a_out = {"mh": (d_in, d_in), "output": (d_out, d_out), "parallel": (d_in, d_out)}[kind]
+        w = base_layer.weight
+        dtype = w.dtype if w.dtype == torch.float32 or not w.dtype.is_floating_point else torch.float32
+        self.adapter_down = nn.Linear(a_in, bottleneck_size, bias=False, device=w.device, dtype=dtype)
+        self.adapter_up = nn.Linear(bottleneck_size, a_out, bias=False, device=w.device, dtype=dtype)
+        if scaling == "learned":
+            self.adapter_scaling = nn.Parameter(torch.ones(1, device=w.device, dtype=dtype))
+        else:
+            self.adapter_scaling = float(scaling)
+        self.non_linearity, self.dropout_p = non_linearity, adapter_dropout
+        self.train(base_layer.training)  # a new module defaults to training mode; follow the model's
+        if w.device.type != "meta":
+            if init_weights == "bert":
+                nn.init.normal_(self.adapter_down.weight, mean=0.0, std=0.02)
+                nn.init.normal_(self.adapter_up.weight, mean=0.0, std=0.02)
+            elif init_weights == "mam_adapter":
+                nn.init.kaiming_uniform_(self.adapter_down.weight, a=math.sqrt(5))
+                nn.init.zeros_(self.adapter_up.weight)
+            else:
+                raise ValueError(f"init_weights must be 'bert' or 'mam_adapter', got {init_weights!r}")
+
+    def adapter(self, t: torch.Tensor, dtype: torch.dtype, residual: torch.Tensor | None = None):
+        """residual + A(t) (residual = t when None), computed by the fused op in `dtype`."""
+        s = self.adapter_scaling
+        scale = s.to(dtype).reshape(()) if isinstance(s, torch.Tensor) else s
+        return ops.bottleneck_adapter(
+            t.to(dtype),
+            self.adapter_down.weight.to(dtype),
+            self.adapter_up.weight.to(dtype),
+            scale,
+            self.non_linearity,
+            self.dropout_p,
+            self.training,
+            None if residual is None else residual.to(dtype),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(x, self.base_layer.weight)
+        if self.kind == "mh":
+            return self.base_layer(self.adapter(x, dtype).to(x.dtype))
+        y = self.base_layer(x)
+        if self.kind == "output":
+            return self.adapter(y, dtype)
+        return self.adapter(x, dtype, residual=y)

@@ -8,8 +8,10 @@ before it changes the model, so a bad config leaves the model untouched.
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fastadapters.config import LoraConfig
-from fastadapters.layers import AdapterModule, LoraGroup, LoraLinear
+from fastadapters.config import BottleneckConfig, LoraConfig, PrefixConfig
+from fastadapters.layers import AdapterModule, BottleneckAdapter, LoraGroup, LoraLinear
+from fastadapters.prefix import ADAPTER_KINDS as _PROMPT_KINDS
+from fastadapters.prefix import apply_prefix, remove_prefix
 
 # Default LoRA targets of LLM-Adapters' finetune script (GPT-2 has no q/v split: its fused c_attn).
 LORA_TARGETS = {
@@ -110,6 +112,115 @@ def _remove_wrappers(model: nn.Module, cls: type) -> None:
 
 
 ADAPTER_KINDS = {LoraConfig: (_apply_lora, lambda model: _remove_wrappers(model, LoraLinear))}
+
+# Bottleneck placement, after LLM-Adapters (peft/src/peft/tuners/bottleneck.py, its adapter-type mapping):
+# an "mh" target gets the adapter on its input, an "output" target on its output. LLM-Adapters lists llama,
+# bloom, gptj and opt; the other families follow the same rule: the MLP's input projections are "mh", its
+# output projection "output". Keys match a module's name or a dotted suffix of it (GPT-2's attention has a
+# c_proj too, hence "mlp.c_proj").
+_LLAMA_BOTTLENECK_KINDS = {"gate_proj": "mh", "up_proj": "mh", "down_proj": "output"}
+BOTTLENECK_KINDS = {
+    "llama": _LLAMA_BOTTLENECK_KINDS,
+    "mistral": _LLAMA_BOTTLENECK_KINDS,
+    "qwen2": _LLAMA_BOTTLENECK_KINDS,
+    "bloom": {"dense_h_to_4h": "mh", "dense_4h_to_h": "output"},
+    "gpt_neox": {"dense_h_to_4h": "mh", "dense_4h_to_h": "output"},
+    "gptj": {"fc_in": "mh", "fc_out": "output"},
+    "opt": {"fc1": "mh", "fc2": "output"},
+    "gpt2": {"mlp.c_fc": "mh", "mlp.c_proj": "output"},
+}
+# Default targets (LLM-Adapters peft/src/peft/mapping.py): AdapterH takes every module of the kind table,
+# AdapterP the output kind, the parallel adapter the attention projections. (The paper's best parallel
+# runs pass target_modules=["up_proj", "down_proj"] explicitly.)
+ADAPTERH_TARGETS = {family: tuple(kinds) for family, kinds in BOTTLENECK_KINDS.items()}
+ADAPTERP_TARGETS = {
+    family: tuple(k for k, v in kinds.items() if v == "output") for family, kinds in BOTTLENECK_KINDS.items()
+}
+_QKV = ("q_proj", "k_proj", "v_proj")
+PARALLEL_TARGETS = {
+    "llama": _QKV,
+    "mistral": _QKV,
+    "qwen2": _QKV,
+    "opt": _QKV,
+    "gptj": _QKV,
+    "bloom": ("query_key_value",),
+    "gpt_neox": ("query_key_value",),
+    "gpt2": ("c_attn",),
+}
+
+
+def bottleneck_placement(model: nn.Module, config: BottleneckConfig) -> dict[str, tuple[nn.Module, str]]:
+    """name -> (module, kind) for every target of `config`, kind being "mh", "output" or "parallel".
+
+    Raises ValueError, before anything changes, when a series target is neither kind in the family's table.
+    """
+    if config.use_parallel_adapter:
+        targets = resolve_targets(model, config.target_modules, PARALLEL_TARGETS, "parallel-adapter")
+        return {name: (module, "parallel") for name, module in find_targets(model, targets).items()}
+    table, what = (ADAPTERP_TARGETS, "AdapterP") if config.use_adapterp else (ADAPTERH_TARGETS, "AdapterH")
+    targets = resolve_targets(model, config.target_modules, table, what)
+    family = model_type(model)
+    kinds = BOTTLENECK_KINDS.get(family)
+    if kinds is None:
+        raise ValueError(
+            f"model_type {family!r} has no bottleneck placement table (known families: "
+            f"{sorted(BOTTLENECK_KINDS)}); series adapters need it to tell mh (input) targets from output "
+            "targets. use_parallel_adapter=True works on any linear layer"
+        )
+    placement = {}
+    for name, module in find_targets(model, targets).items():
+        hits = {kind for key, kind in kinds.items() if matches(name, key)}
+        if len(hits) != 1:
+            raise ValueError(
+                f"target module {name!r} is neither of the mh nor of the output kind in the {family} "
+                f"placement table {kinds}; series adapters go on those modules "
+                "(or set use_parallel_adapter=True)"
+            )
+        placement[name] = (module, hits.pop())
+    return placement
+
+
+def _apply_bottleneck(model: nn.Module, config: BottleneckConfig) -> None:
+    layers = {
+        name: BottleneckAdapter(
+            module,
+            kind,
+            config.bottleneck_size,
+            config.non_linearity,
+            config.adapter_dropout,
+            config.scaling,
+            config.init_weights,
+        )
+        for name, (module, kind) in bottleneck_placement(model, config).items()
+    }
+    for name, layer in layers.items():
+        set_submodule(model, name, layer)
+
+
+ADAPTER_KINDS[BottleneckConfig] = (
+    _apply_bottleneck,
+    lambda model: _remove_wrappers(model, BottleneckAdapter),
+)
+
+
+# Prefix tuning: each family's attention module (name suffix) and how the prefix reaches its attention:
+# "registry" = transformers' attention registry (fastadapters.prefix registers "fastadapters_prefix");
+# "bloom" = a patched BloomAttention.forward (ALiBi attention outside the registry; slower, dense bias).
+PREFIX_ATTENTION = {
+    "llama": ("self_attn", "registry"),
+    "mistral": ("self_attn", "registry"),
+    "qwen2": ("self_attn", "registry"),
+    "opt": ("self_attn", "registry"),
+    "gptj": ("attn", "registry"),
+    "gpt2": ("attn", "registry"),
+    "gpt_neox": ("attention", "registry"),
+    "bloom": ("self_attention", "bloom"),
+}
+ADAPTER_KINDS[PrefixConfig] = (
+    lambda model, config: apply_prefix(model, config, PREFIX_ATTENTION),
+    remove_prefix,
+)
+ADAPTER_KINDS.update(_PROMPT_KINDS)
 
 
 def apply(model: nn.Module, config) -> nn.Module:

@@ -3,7 +3,11 @@ module imports triton. Shared tolerances and tiny random models live here."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# FASTADAPTERS_TEST_DEVICE=cuda (bench/gpu_check.sh) runs the suite on a GPU with compiled Triton
+# kernels: the interpreter stays off, and the `device` fixture gives tests the device to build inputs on.
+TEST_DEVICE = os.environ.get("FASTADAPTERS_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,6 +28,14 @@ def assert_close(actual, expected, dtype=None, name="output"):
     torch.testing.assert_close(
         actual.float(), expected.float(), atol=atol, rtol=rtol, msg=lambda m: f"{name} mismatch: {m}"
     )
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device tests build their inputs on: cpu, or FASTADAPTERS_TEST_DEVICE (cuda on a GPU machine)."""
+    if TEST_DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.skip("FASTADAPTERS_TEST_DEVICE=cuda but CUDA is not available")
+    return torch.device(TEST_DEVICE)
 
 
 @pytest.fixture(autouse=True)

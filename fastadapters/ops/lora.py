@@ -13,6 +13,7 @@ Backends implement the interface below on 2-D inputs (x is [N, d_in], possibly s
 `seed` is a Python int or None (no dropout); `needs` is (x, [weights], [biases], [lora_as], [lora_bs]).
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -23,30 +24,88 @@ from fastadapters.ops._dispatch import Backend, extension_reasons, select, trito
 
 
 class TorchLora:
-    """The portable fast path: in-place addmm, the least saved, the mask regenerated from the seed."""
+    """The portable fast path: few, large torch calls; x and t saved; the dropout mask regenerated.
+
+    - fp32 with at least as many tokens as features (training): the low-rank update is folded into the
+      frozen weight, W' = W + s·B A (d_out·d_in·r flops, instead of N·d·r for the expand), and the base GEMM
+      runs on W' in forward and, for dx = dy W', in backward. No [N, d] expand is written or re-read.
+      Otherwise (fp16/bf16, few tokens, dropout) the expand writes y (bias included) and the base GEMM
+      accumulates into it (beta = 1, nearly free); backward writes ds A into dx the same way.
+    - Dropout: the dropped positions are drawn as geometric gaps (exact i.i.d. Bernoulli(p), about p·N·d
+      random numbers instead of N·d) from a Generator seeded with `seed`, and drawn again in backward;
+      the 1/(1-p) factor is applied to the rank-r tensors, never to an [N, d] one.
+    - dB = s·(tᵀ dy)ᵀ (MKL's faster layout for this skinny product); the dA of all group members from one
+      GEMM that reads x once.
+    """
+
+    @staticmethod
+    def dropped_positions(numel: int, dropout_p: float, seed: int, device) -> Tensor:
+        """Sorted flat indices of the dropped elements of a tensor of `numel` elements (int64)."""
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        inv_log = 1.0 / math.log1p(-dropout_p)
+        expect = numel * dropout_p
+        count = int(expect + 6.0 * math.sqrt(expect * (1.0 - dropout_p)) + 64)  # one draw almost surely
+        chunks, last = [], -1
+        while True:
+            u = torch.rand(count, generator=gen, device=device)
+            # The gap to the next dropped element is Geometric(p): floor(log(1 - u) / log(1 - p)) + 1.
+            gaps = torch.log1p(u.neg_()).mul_(inv_log).to(torch.int32).add_(1)
+            pos = torch.cumsum(gaps, 0, dtype=torch.int64).add_(last)
+            last = int(pos[-1])
+            if last >= numel:
+                chunks.append(pos[: int(torch.searchsorted(pos, numel))])
+                return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+            chunks.append(pos)
 
     @staticmethod
     def dropout_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        return torch.rand(shape, generator=gen, device=device) >= dropout_p
+        numel = math.prod(shape)
+        keep = torch.ones(numel, dtype=torch.bool, device=device)
+        keep[TorchLora.dropped_positions(numel, dropout_p, seed, device)] = False
+        return keep.view(shape)
 
     @staticmethod
-    def _dropped(x: Tensor, dropout_p: float, seed: int | None) -> Tensor:
-        if seed is None or dropout_p == 0.0:
-            return x
-        keep = TorchLora.dropout_mask(x.shape, dropout_p, seed, x.device)
-        return x.masked_fill(~keep, 0).mul_(1.0 / (1.0 - dropout_p))
+    def _zero_at(t: Tensor, pos: Tensor) -> Tensor:
+        """Zeroes the flat positions `pos` of the contiguous tensor t in place."""
+        flat = t.view(-1)
+        if flat.device.type == "cpu":
+            flat.put_(pos, flat.new_zeros(()).expand(pos.shape))  # the fastest scatter on the CPU
+        else:
+            flat.index_fill_(0, pos, 0)
+        return t
+
+    @staticmethod
+    def _merged(w: Tensor, lora_a: Tensor, lora_b: Tensor, s: float) -> Tensor:
+        """W + s·B A as [d_out, d_in], computed in w's memory layout (a transposed view for Conv1D)."""
+        if not w.is_contiguous() and w.T.is_contiguous():
+            return torch.addmm(w.T, lora_a.T, lora_b.T, alpha=s).T
+        return torch.addmm(w, lora_b, lora_a, alpha=s)
 
     @staticmethod
     def forward(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed):
+        drop = seed is not None and dropout_p > 0.0
         a_cat = lora_as[0] if len(lora_as) == 1 else torch.cat(lora_as)
-        t = TorchLora._dropped(x, dropout_p, seed) @ a_cat.T
+        if drop:
+            xd = TorchLora._zero_at(
+                torch.clone(x, memory_format=torch.contiguous_format),
+                TorchLora.dropped_positions(x.numel(), dropout_p, seed, x.device),
+            )
+            t = torch.mm(xd, a_cat.T).mul_(1.0 / (1.0 - dropout_p))
+            del xd
+        else:
+            t = torch.mm(x, a_cat.T)
+        merge = not drop and x.dtype == torch.float32 and x.shape[0] >= x.shape[1]
         ys, start = [], 0
-        for w, b, lora_b, s in zip(weights, biases, lora_bs, scales):
+        for w, b, lora_a, lora_b, s in zip(weights, biases, lora_as, lora_bs, scales):
             rank = lora_b.shape[1]
-            y = x @ w.T if b is None else torch.addmm(b, x, w.T)
-            y.addmm_(t[:, start : start + rank], lora_b.T, alpha=s)
+            if merge:
+                w_eff = TorchLora._merged(w, lora_a, lora_b, s)
+                y = torch.mm(x, w_eff.T) if b is None else torch.addmm(b, x, w_eff.T)
+            else:
+                ti = t[:, start : start + rank]
+                y = torch.mm(ti, lora_b.T).mul_(s) if b is None else torch.addmm(b, ti, lora_b.T, alpha=s)
+                y.addmm_(x, w.T)
             ys.append(y)
             start += rank
         return ys, t
@@ -54,26 +113,41 @@ class TorchLora:
     @staticmethod
     def backward(dys, x, weights, lora_as, lora_bs, t, scales, dropout_p, seed, needs):
         need_x, need_w, need_b, need_a, need_lb = needs
-        ranks = [lb.shape[1] for lb in lora_bs]
-        ts = t.split(ranks, dim=1)
-        # ds_i = s_i · dy_i B_i: the gradient reaching the rank-r intermediate, for all members at once.
-        ds = torch.cat([(dy @ lb).mul_(s) for dy, lb, s in zip(dys, lora_bs, scales)], dim=1)
-        dlbs = [torch.mm(dy.T, ti).mul_(s) if n else None for dy, ti, s, n in zip(dys, ts, scales, need_lb)]
-        dlas = [None] * len(lora_as)
-        if any(need_a):
-            xd = TorchLora._dropped(x, dropout_p, seed)
-            # One GEMM per member: slices of a single [sum r, d_in] result would alias each other.
-            dlas = [dsi.T @ xd if n else None for dsi, n in zip(ds.split(ranks, dim=1), need_a)]
-        dx = None
-        if need_x:
-            a_cat = lora_as[0] if len(lora_as) == 1 else torch.cat(lora_as)
-            if seed is None or dropout_p == 0.0:
-                dx = ds @ a_cat
-            else:
-                keep = TorchLora.dropout_mask(x.shape, dropout_p, seed, x.device)
-                dx = (ds @ a_cat).masked_fill_(~keep, 0).mul_(1.0 / (1.0 - dropout_p))
-            for dy, w in zip(dys, weights):
-                dx.addmm_(dy, w)
+        k, ranks = len(weights), [lb.shape[1] for lb in lora_bs]
+        drop = seed is not None and dropout_p > 0.0
+        inv_keep = 1.0 / (1.0 - dropout_p) if drop else 1.0
+        ts = t.split(ranks, dim=1) if k > 1 else [t]
+        dlbs = [
+            torch.mm(ti.T, dy).mul_(s).T.contiguous() if n else None
+            for dy, ti, s, n in zip(dys, ts, scales, need_lb)
+        ]
+        merge = not drop and x.dtype == torch.float32 and x.shape[0] >= max(w.shape[0] for w in weights)
+        dlas, dx = [None] * k, None
+        if any(need_a) or (need_x and not merge):
+            pos = TorchLora.dropped_positions(x.numel(), dropout_p, seed, x.device) if drop else None
+            # ds_i = s_i · dy_i B_i (times 1/(1-p) for the mask's scale): the gradient reaching t_i.
+            dss = [torch.mm(dy, lb * (s * inv_keep)) for dy, lb, s in zip(dys, lora_bs, scales)]
+            ds = dss[0] if k == 1 else torch.cat(dss, 1)
+            if any(need_a):
+                xd = x
+                if drop:
+                    xd = TorchLora._zero_at(torch.clone(x, memory_format=torch.contiguous_format), pos)
+                da = torch.mm(ds.T, xd)
+                del xd
+                # Separate tensors per member: custom-op outputs must not alias each other.
+                das = [da] if k == 1 else [g.clone() for g in da.split(ranks)]
+                dlas = [g if n else None for g, n in zip(das, need_a)]
+            if need_x and not merge:
+                a_cat = lora_as[0] if k == 1 else torch.cat(lora_as)
+                dx = torch.mm(ds, a_cat)
+                if drop:
+                    TorchLora._zero_at(dx, pos)
+                for dy, w in zip(dys, weights):
+                    dx.addmm_(dy, w)
+        if need_x and merge:
+            for dy, w, lora_a, lora_b, s in zip(dys, weights, lora_as, lora_bs, scales):
+                w_eff = TorchLora._merged(w, lora_a, lora_b, s)
+                dx = torch.mm(dy, w_eff) if dx is None else dx.addmm_(dy, w_eff)
         dws = [torch.mm(dy.T, x) if n else None for dy, n in zip(dys, need_w)]
         dbs = [dy.sum(0) if n else None for dy, n in zip(dys, need_b)]
         return dx, dws, dbs, dlas, dlbs
@@ -148,13 +222,16 @@ def _lora_linear_backward_op(
     dropout_p: float,
     seed: Optional[Tensor],  # noqa: UP045
     needs: list[bool],
+    backend: str,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     k = len(weights)
     split = (needs[0], needs[1 : 1 + k], needs[1 + k : 1 + 2 * k], needs[1 + 2 * k : 1 + 3 * k], needs[1 + 3 * k :])
     x2 = x.reshape(-1, x.shape[-1])
     dys2 = [dy.reshape(-1, dy.shape[-1]) for dy in dys]
     seed_int = None if seed is None else int(seed)
-    dx, dws, dbs, dlas, dlbs = _backend(x).module().backward(
+    # The backend that ran forward, whatever is forced now: only it regenerates the same dropout mask.
+    impl = BACKENDS[backend].module()
+    dx, dws, dbs, dlas, dlbs = impl.backward(
         dys2, x2, weights, lora_as, lora_bs, t, scales, dropout_p, seed_int, split
     )
     dx = x.new_empty(0) if dx is None else dx.reshape(x.shape)
@@ -168,7 +245,7 @@ def _lora_linear_backward_op(
 
 
 @_lora_linear_backward_op.register_fake
-def _(dys, x, weights, lora_as, lora_bs, t, scales, dropout_p, seed, needs):
+def _(dys, x, weights, lora_as, lora_bs, t, scales, dropout_p, seed, needs, backend):
     k = len(weights)
 
     def like(flag, ref):
@@ -194,6 +271,7 @@ def _setup_context(ctx, inputs, output):
     ]
     ctx.k, ctx.scales, ctx.dropout_p = len(weights), scales, dropout_p
     ctx.has_seed = seed is not None
+    ctx.backend = _backend(x).name
     ctx.save_for_backward(x, output[1], *weights, *lora_as, *lora_bs, *([seed] if seed is not None else []))
 
 
@@ -204,8 +282,9 @@ def _backward(ctx, dys, dt):
     seed = rest[3 * k] if ctx.has_seed else None
     lead = x.shape[:-1]
     dys = [x.new_zeros(*lead, w.shape[0]) if dy is None else dy for dy, w in zip(dys, weights)]
+    weights, lora_as, lora_bs = list(weights), list(lora_as), list(lora_bs)
     dx, dws, dbs, dlas, dlbs = _lora_linear_backward_op(
-        list(dys), x, list(weights), list(lora_as), list(lora_bs), t, ctx.scales, ctx.dropout_p, seed, ctx.needs
+        list(dys), x, weights, lora_as, lora_bs, t, ctx.scales, ctx.dropout_p, seed, ctx.needs, ctx.backend
     )
     needs = ctx.needs
 
@@ -266,7 +345,8 @@ def lora_linear(
     """
     C.check_tensor("x", x, min_ndim=1)
     scale = _check_member(0, x, weight, bias, lora_a, lora_b, scale, grouped=False)
-    p = C.check_dropout(dropout_p) if training else 0.0
+    p = C.check_dropout(dropout_p)
+    p = p if training else 0.0
     seed = C.new_seed() if p > 0.0 else None
     ys, _ = _lora_linear_op(x, [weight], _biases([bias], x), [lora_a], [lora_b], [scale], p, seed)
     return ys[0]
@@ -295,7 +375,8 @@ def lora_linear_grouped(
             f"{[len(v) for v in (weights, biases, lora_as, lora_bs, scales)]}"
         )
     scales = [_check_member(i, x, *m, grouped=True) for i, m in enumerate(zip(weights, biases, lora_as, lora_bs, scales))]
-    p = C.check_dropout(dropout_p) if training else 0.0
+    p = C.check_dropout(dropout_p)
+    p = p if training else 0.0
     seed = C.new_seed() if p > 0.0 else None
     ys, _ = _lora_linear_op(x, list(weights), _biases(biases, x), list(lora_as), list(lora_bs), scales, p, seed)
     return ys

@@ -1,0 +1,197 @@
+"""The `fastadapters` CLI: an end-to-end train + eval on the real LLM-Adapters files, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastadapters
+from fastadapters import cli, evaluate
+from fastadapters.demo import arithmetic_dataset, build_model, save_base_model
+from fastadapters.prompts import generate_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "datasets" / "llm-adapters"
+TRAIN_FLAGS = [
+    "--batch-size", "8", "--micro-batch-size", "4", "--cutoff-len", "96", "--learning-rate", "1e-3",
+    "--warmup-steps", "0", "--logging-steps", "1", "--no-progress",
+]  # fmt: skip
+
+
+def _base(directory: Path, items, hidden: int = 32) -> str:
+    texts = [generate_prompt(x["instruction"], x["input"], x["output"]) for x in items]
+    return save_base_model(str(directory), texts, hidden=hidden, layers=2, vocab_size=320)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread is as fast, and avoids oversubscribing a busy CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A tiny base model folder and a 16-item synthetic dataset file."""
+    root = tmp_path_factory.mktemp("cli")
+    items = arithmetic_dataset(16, seed=3)
+    data = root / "data.json"
+    data.write_text(json.dumps(items))
+    return {"root": root, "base": _base(root / "base", items), "data": str(data)}
+
+
+def _run_cli(argv, capsys):
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
+def test_train_then_eval_end_to_end(tmp_path, capsys):
+    items = json.loads((SHARED_DATA / "train" / "math_data.json").read_text())[:32]
+    data = tmp_path / "math32.json"
+    data.write_text(json.dumps(items))
+    base = _base(tmp_path / "base", items, hidden=48)
+    out = tmp_path / "adapter"
+    code, stdout, err = _run_cli(
+        ["train", "--base-model", base, "--data-path", str(data), "--output-dir", str(out),
+         "--adapter", "lora", "--val-set-size", "8", "--max-steps", "3", "--eval-step", "2",
+         "--save-step", "2", "--target-modules", "q_proj,v_proj,up_proj", *TRAIN_FLAGS],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "trainable params:" in stdout
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["train_examples"] == 24 and summary["val_examples"] == 8
+    assert summary["gradient_accumulation_steps"] == 2 and summary["effective_batch_size"] == 8
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert summary["trainable_percent"] == pytest.approx(
+        100 * summary["trainable_params"] / summary["total_params"]
+    )
+    assert all(summary[k] > 0 for k in ("train_loss_final", "train_loss_mean", "eval_loss", "seconds"))
+    assert (out / "adapter.safetensors").is_file() and (
+        out / "checkpoint-2" / "adapter.safetensors"
+    ).is_file()
+    assert not list(out.glob("**/model.safetensors"))  # checkpoints hold the adapter, never the base
+
+    evals = tmp_path / "eval"
+    code, stdout, err = _run_cli(
+        ["eval", "--base-model", base, "--adapter", str(out), "--dataset", "gsm8k,boolq", "--data-dir",
+         str(SHARED_DATA), "--limit", "20", "--batch-size", "8", "--num-beams", "2", "--max-new-tokens", "12",
+         "--output-dir", str(evals)],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "gsm8k" in stdout and "boolq" in stdout and "accuracy" in stdout
+    result = json.loads((evals / "summary.json").read_text())
+    records = [json.loads(line) for line in (evals / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 40
+    assert result["settings"]["limit"] == 20 and result["settings"]["num_beams"] == 2
+    assert result["settings"]["adapter"] == str(out)
+    for name in ("gsm8k", "boolq"):
+        mine = [r for r in records if r["dataset"] == name]
+        labels = [x["answer"] for x in json.loads((SHARED_DATA / name / "test.json").read_text())[:20]]
+        assert [r["index"] for r in mine] == list(range(20)) and [r["label"] for r in mine] == labels
+        for r in mine:
+            assert set(r) == {"dataset", "index", "prompt", "response", "answer", "label", "correct"}
+            assert r["prompt"].endswith("### Response:\n")
+            assert r["answer"] == evaluate.extract_answer(name, r["response"])
+            assert r["correct"] is evaluate.score(name, r["response"], r["label"])
+        entry = result["datasets"][name]
+        assert entry["total"] == 20 and entry["correct"] == sum(r["correct"] for r in mine)
+        assert entry["accuracy"] == pytest.approx(entry["correct"] / 20)
+    assert result["mean_accuracy"] == pytest.approx(
+        (result["datasets"]["gsm8k"]["accuracy"] + result["datasets"]["boolq"]["accuracy"]) / 2
+    )
+
+
+def test_eval_matches_unbatched_generation(synthetic, tmp_path):
+    """Left padding with a real attention mask: batched responses equal one-at-a-time ones."""
+    data_dir = tmp_path / "d"
+    (data_dir / "AddSub").mkdir(parents=True)
+    items = arithmetic_dataset(5, seed=9)
+    items[1]["instruction"] = (
+        "What is 1 + 2 + 3 + 4 + 5 + 6 + 7 + 8 + 9 + 10 + 11 + 12 + 13?"  # a longer prompt
+    )
+    (data_dir / "AddSub" / "test.json").write_text(json.dumps(items))
+    model, tok = evaluate.load_model(synthetic["base"], dtype=torch.float32, device="cpu")
+    assert not model.training and tok.padding_side == "left" and tok.pad_token_id == 0
+    runs = []
+    for batch_size in (5, 1):
+        settings = evaluate.EvalSettings(batch_size=batch_size, num_beams=2, max_new_tokens=6)
+        out = str(tmp_path / f"b{batch_size}")
+        evaluate.run(synthetic["base"], ["AddSub"], str(data_dir), output_dir=out, settings=settings,
+                     model=model, tokenizer=tok, log=None)  # fmt: skip
+        lines = (tmp_path / f"b{batch_size}" / "predictions.jsonl").read_text().splitlines()
+        runs.append([json.loads(line)["response"] for line in lines])
+    assert runs[0] == runs[1]
+
+
+def _train_argv(synthetic, tmp_path, *extra):
+    return ["train", "--base-model", synthetic["base"], "--data-path", synthetic["data"],
+            "--output-dir", str(tmp_path / "out"), "--val-set-size", "0", "--max-steps", "1",
+            *TRAIN_FLAGS, *extra]  # fmt: skip
+
+
+def test_bad_train_input(synthetic, tmp_path, capsys):
+    no_fields = tmp_path / "three_fields.json"
+    no_fields.write_text(json.dumps([{"instruction": "q", "input": "", "output": "a"}]))
+    cases = [
+        (["--data-path", str(tmp_path / "missing.json")], "data file not found"),
+        (["--data-path", str(no_fields)], "lacks the field(s) ['answer']"),
+        (["--adapter", "lorax"], "unknown adapter 'lorax'"),
+        (
+            ["--micro-batch-size", "16", "--batch-size", "8"],
+            "--micro-batch-size (16) must not exceed --batch-size (8)",
+        ),
+        (["--base-model", str(tmp_path / "no_model")], "base model folder not found"),
+        (["--val-set-size", "16"], "leaves no training data"),
+    ]
+    for extra, message in cases:
+        code, _, err = _run_cli(_train_argv(synthetic, tmp_path, *extra), capsys)
+        assert code == 2, (extra, err)
+        assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_eval_input(synthetic, tmp_path, capsys):
+    other = tmp_path / "other_adapter"
+    model = build_model(320, hidden=48, layers=2)  # another base model: hidden 48, not 32
+    fastadapters.apply(model, fastadapters.LoraConfig(target_modules=["q_proj"]))
+    fastadapters.save(model, str(other))
+    data_dir = tmp_path / "d"
+    (data_dir / "gsm8k").mkdir(parents=True)
+    (data_dir / "gsm8k" / "test.json").write_text(json.dumps(arithmetic_dataset(3, seed=4)))
+    base = ["eval", "--base-model", synthetic["base"], "--output-dir", str(tmp_path / "e")]
+    cases = [
+        (["--dataset", "gsm9k", "--data-dir", str(data_dir)], "unknown dataset 'gsm9k'"),
+        (["--dataset", "gsm8k", "--data-dir", str(tmp_path / "nowhere")], "data directory not found"),
+        (["--dataset", "boolq", "--data-dir", str(data_dir)], "boolq/test.json"),
+        (["--dataset", "gsm8k", "--data-dir", str(data_dir), "--adapter", str(other)],
+         "different base model"),
+        (["--dataset", "gsm8k", "--data-dir", str(data_dir), "--adapter", str(tmp_path / "none")],
+         "adapter folder not found"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        code, _, err = _run_cli(base + extra, capsys)
+        assert code == 2, (extra, err)
+        assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "e").exists()
+
+
+def test_console_script_exit_code(synthetic, tmp_path):
+    """The real process: status 2, one clear line on stderr, no traceback."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastadapters.train", "--base-model", synthetic["base"], "--data-path",
+         str(tmp_path / "missing.json"), "--output-dir", str(tmp_path / "o")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "fastadapters train: error: data file not found" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,350 @@
+"""The multi-LoRA op against fastadapters.reference.multi_lora_linear, on every backend that can run here.
+
+Ranks 1, 8, 16, 64 and 0 (an adapter absent from a layer) mixed in one bank; fp32, fp16, bf16; adapter
+spreads over the batch (distinct, uniform, zipf, identical, all-base); prefill (segments of rows) and decode
+(one token per row) shapes; sorted and unsorted ids; the grouped form (q/k/v: one shrink, several
+outputs); non-contiguous x and transposed weights; empty batches and empty banks; a schedule reused across
+calls; the Triton split-K path; bad input.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import TOLERANCES, assert_close
+
+from fastadapters import ops, reference
+from fastadapters.ops import multi_lora as ml
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+RANKS = [1, 8, 0, 16, 64, 8]
+SPREADS = ("distinct", "uniform", "zipf", "identical", "all-base")
+
+
+def _backend_params():
+    params = []
+    for name in ("torch", "triton", "cpu", "cuda"):
+        why = ml.BACKENDS[name].reasons(device=DEVICE, dtype=torch.float32)
+        params.append(pytest.param(name, id=name, marks=pytest.mark.skipif(bool(why), reason="; ".join(why))))
+    return params
+
+
+BACKENDS = _backend_params()
+
+
+def row_adapters(spread: str, rows: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """One adapter id per row (−1 = base) following `spread`."""
+    if spread == "distinct":
+        return torch.randperm(max(rows, n), generator=gen)[:rows] % n
+    if spread == "uniform":
+        return torch.randint(-1, n, (rows,), generator=gen)
+    if spread == "zipf":
+        weights = 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** 1.5
+        return torch.multinomial(weights, rows, replacement=True, generator=gen)
+    if spread == "identical":
+        return torch.full((rows,), int(torch.randint(0, n, (), generator=gen)))
+    if spread == "all-base":
+        return torch.full((rows,), -1)
+    raise ValueError(spread)
+
+
+def make_bank(d_in, d_outs, ranks, dtype, gen):
+    """(weights, biases, bank_a, bank_bs, scales) of a grouped bank, scaled so outputs are O(1)."""
+    k, n = len(d_outs), len(ranks[0])
+    weights = [torch.randn(d, d_in, generator=gen) / math.sqrt(d_in) for d in d_outs]
+    biases = [torch.randn(d, generator=gen) for d in d_outs]
+    a_rows = [sum(ranks[m][a] for m in range(k)) for a in range(n)]
+    bank_a = torch.randn(sum(a_rows), d_in, generator=gen) / math.sqrt(d_in)
+    bank_bs = [
+        torch.randn(sum(ranks[m]), d, generator=gen) / math.sqrt(max(ranks[m]) or 1)
+        for m, d in enumerate(d_outs)
+    ]
+    scales = [[float(torch.empty(()).uniform_(-2, 2, generator=gen)) for _ in range(n)] for _ in range(k)]
+
+    def cast(t):
+        return t.to(DEVICE, dtype)
+
+    return (
+        [cast(w) for w in weights],
+        [cast(b) for b in biases],
+        cast(bank_a),
+        [cast(b) for b in bank_bs],
+        scales,
+    )
+
+
+def check_single(backend, dtype, x, weight, bias, bank_a, bank_b, ranks, scales, ids, name="y"):
+    with ops.use_backend(backend):
+        y = ops.multi_lora_linear(x, weight, bias, bank_a, bank_b, ranks, scales, ids)
+    plain_ids = ids.adapter_ids if isinstance(ids, ops.AdapterSchedule) else ids
+    expected = reference.multi_lora_linear(x, weight, bias, bank_a, bank_b, ranks, scales, plain_ids)
+    assert y.dtype == x.dtype and y.shape == expected.shape
+    assert_close(y, expected, dtype, name=name)
+
+
+# --------------------------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ["prefill", "decode"])
+def test_matches_reference(backend, dtype, shape):
+    gen = torch.Generator().manual_seed(1)
+    rows, seq = (5, 7) if shape == "prefill" else (13, 1)
+    d_in, d_out = 37, 45
+    (w,), (b,), bank_a, (bank_b,), (scales,) = make_bank(d_in, [d_out], [RANKS], dtype, gen)
+    ids = row_adapters("uniform", rows, len(RANKS), gen)[:, None].expand(rows, seq).to(DEVICE)
+    x = torch.randn(rows, seq, d_in, generator=gen).to(DEVICE, dtype)
+    check_single(backend, dtype, x, w, b, bank_a, bank_b, RANKS, scales, ids)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spread", SPREADS)
+def test_adapter_spreads(backend, spread):
+    gen = torch.Generator().manual_seed(2)
+    rows, seq, d_in, d_out = 9, 3, 33, 20
+    (w,), (b,), bank_a, (bank_b,), (scales,) = make_bank(d_in, [d_out], [RANKS], torch.float32, gen)
+    row_ids = row_adapters(spread, rows, len(RANKS), gen)
+    for ids in (row_ids.sort().values, row_ids):  # sorted (the bank's order) and as given
+        ids = ids[:, None].expand(rows, seq).to(DEVICE)
+        x = torch.randn(rows, seq, d_in, generator=gen).to(DEVICE)
+        check_single(backend, torch.float32, x, w, b, bank_a, bank_b, RANKS, scales, ids, name=spread)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_token_ids_and_layouts(backend):
+    """Ids varying within a row; x a non-contiguous view; the weight a transposed view (HF Conv1D)."""
+    gen = torch.Generator().manual_seed(3)
+    d_in, d_out, n_tok = 29, 31, 23
+    (w,), (b,), bank_a, (bank_b,), (scales,) = make_bank(d_in, [d_out], [RANKS], torch.float32, gen)
+    x = torch.randn(d_in, n_tok, generator=gen).to(DEVICE).T  # strided x
+    w_t = w.T.contiguous().T  # [d_out, d_in] view of a [d_in, d_out] tensor
+    ids = torch.randint(-1, len(RANKS), (n_tok,), generator=gen).to(DEVICE)
+    check_single(backend, torch.float32, x, w_t, None, bank_a, bank_b, RANKS, scales, ids)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grouped_matches_reference(backend, dtype):
+    """q/k/v: members with different widths and ranks (0 = the adapter skips that member)."""
+    gen = torch.Generator().manual_seed(4)
+    ranks = [[8, 1, 16, 0, 4], [8, 0, 16, 2, 4], [0, 1, 16, 64, 4]]
+    d_in, d_outs = 40, [40, 17, 17]
+    weights, biases, bank_a, bank_bs, scales = make_bank(d_in, d_outs, ranks, dtype, gen)
+    biases[1] = None
+    ids = row_adapters("uniform", 11, 5, gen)[:, None].expand(11, 2).to(DEVICE)
+    x = torch.randn(11, 2, d_in, generator=gen).to(DEVICE, dtype)
+    with ops.use_backend(backend):
+        ys = ops.multi_lora_linear_grouped(x, weights, biases, bank_a, bank_bs, ranks, scales, ids)
+    expected = reference.multi_lora_linear_grouped(x, weights, biases, bank_a, bank_bs, ranks, scales, ids)
+    assert len(ys) == 3
+    for m, (y, e) in enumerate(zip(ys, expected)):
+        assert_close(y, e, dtype, name=f"member {m}")
+
+
+def test_grouped_reference_is_per_member_reference():
+    """The grouped layout read back member by member equals the single-member op on that member's bank."""
+    gen = torch.Generator().manual_seed(5)
+    ranks = [[2, 3], [1, 0]]
+    weights, biases, bank_a, bank_bs, scales = make_bank(6, [5, 4], ranks, torch.float32, gen)
+    # adapter 0: rows 0-1 = A_{0,0}, row 2 = A_{1,0}; adapter 1: rows 3-5 = A_{0,1}
+    member0 = torch.cat([bank_a[0:2], bank_a[3:6]])
+    ids = torch.tensor([1, 0, -1, 1]).to(DEVICE)
+    x = torch.randn(4, 6, generator=gen).to(DEVICE)
+    ys = reference.multi_lora_linear_grouped(x, weights, biases, bank_a, bank_bs, ranks, scales, ids)
+    y0 = reference.multi_lora_linear(x, weights[0], biases[0], member0, bank_bs[0], ranks[0], scales[0], ids)
+    torch.testing.assert_close(ys[0], y0)
+    # The explicit math for token 1 (adapter 0) of member 1.
+    e = x[1] @ weights[1].T + biases[1] + scales[1][0] * (x[1] @ bank_a[2:3].T) @ bank_bs[1][0:1]
+    torch.testing.assert_close(ys[1][1], e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_schedule_reused_and_empty(backend):
+    gen = torch.Generator().manual_seed(6)
+    d_in, d_out = 19, 21
+    (w,), (b,), bank_a, (bank_b,), (scales,) = make_bank(d_in, [d_out], [RANKS], torch.float32, gen)
+    ids = torch.tensor([3, 3, -1, 0, 4, 4, 1]).to(DEVICE)
+    sched = ops.adapter_schedule(ids, len(RANKS))
+    for seed in range(2):  # two layers sharing one schedule
+        x = torch.randn(7, d_in, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+        check_single(backend, torch.float32, x, w, b, bank_a, bank_b, RANKS, scales, sched)
+    assert backend in sched.prepared
+    empty = torch.empty(0, 4, d_in, device=DEVICE)
+    with ops.use_backend(backend):
+        y = ops.multi_lora_linear(
+            empty, w, b, bank_a, bank_b, RANKS, scales, torch.empty(0, 4, dtype=torch.long)
+        )
+        assert y.shape == (0, 4, d_out)
+        # An empty bank: every id must be −1; the output is the base layer.
+        x = torch.randn(3, d_in, device=DEVICE)
+        y = ops.multi_lora_linear(x, w, b, bank_a[:0], bank_b[:0], [], [], torch.full((3,), -1))
+    torch.testing.assert_close(y, torch.addmm(b, x, w.T))
+
+
+def test_schedule_contents():
+    sched = ops.adapter_schedule(torch.tensor([[2, -1, 0], [2, 0, -1]]), 4)
+    assert sched.num_tokens == 6 and sched.num_adapters == 4
+    assert sched.order.tolist() == [1, 5, 2, 4, 0, 3]
+    assert sched.starts.tolist() == [2, 4, 4, 6, 6]
+    # Sorted ids need no order: segments are token ranges.
+    sorted_sched = ops.adapter_schedule(torch.tensor([-1, 0, 0, 3]), 4)
+    assert sorted_sched.order.numel() == 0 and sorted_sched.starts.tolist() == [1, 3, 3, 3, 4]
+
+
+def test_triton_split_k_and_tiles(monkeypatch):
+    """The atomic split-K shrink (a GPU's choice for decode) and the tile table, in the interpreter."""
+    why = ml.BACKENDS["triton"].reasons(device=DEVICE, dtype=torch.float32)
+    if why:
+        pytest.skip("; ".join(why))
+    from fastadapters.kernels import multi_lora as kml
+
+    gen = torch.Generator().manual_seed(7)
+    d_in, d_out = 70, 24
+    (w,), (b,), bank_a, (bank_b,), (scales,) = make_bank(d_in, [d_out], [RANKS], torch.float32, gen)
+    ids = torch.tensor([4, 1, -1, 4, 0, 5, 4, 3, 1, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]).to(DEVICE)
+    sched = ops.adapter_schedule(ids, len(RANKS))
+    tiles = kml.prepare(sched)
+    bm = kml.block_m(ids.numel())
+    real = [(a, blk) for a, blk in tiles.T.tolist() if a < len(RANKS)]
+    counts = torch.bincount(ids[ids >= 0], minlength=len(RANKS)).tolist()
+    assert real == [(a, blk) for a in range(len(RANKS)) for blk in range(math.ceil(counts[a] / bm))]
+    monkeypatch.setattr(kml, "FORCE_SPLIT_K", 3)
+    x = torch.randn(20, d_in, generator=gen).to(DEVICE)
+    check_single("triton", torch.float32, x, w, b, bank_a, bank_b, RANKS, scales, ids)
+
+
+@pytest.mark.parametrize("strategy", ["segments", "batched"])
+@pytest.mark.parametrize("spread", SPREADS)
+def test_torch_strategies(monkeypatch, strategy, spread):
+    """Both strategies of the torch backend, forced: per-adapter segments and the padded bmm groups."""
+    monkeypatch.setattr(ml, "BATCHED_BELOW", 0 if strategy == "segments" else 10**9)
+    gen = torch.Generator().manual_seed(12)
+    rows, d_in, d_out = 12, 24, 18
+    ranks = [[4, 8, 4, 0, 8, 1], [4, 8, 4, 2, 0, 1]]
+    weights, biases, bank_a, bank_bs, scales = make_bank(d_in, [d_out, d_out + 3], ranks, torch.float32, gen)
+    row_ids = row_adapters(spread, rows, 6, gen)
+    for seq, ids in ((1, row_ids), (3, row_ids.sort().values)):
+        ids = ids[:, None].expand(rows, seq).to(DEVICE)
+        x = torch.randn(rows, seq, d_in, generator=gen).to(DEVICE)
+        with ops.use_backend("torch"):
+            ys = ops.multi_lora_linear_grouped(x, weights, biases, bank_a, bank_bs, ranks, scales, ids)
+        expected = reference.multi_lora_linear_grouped(
+            x, weights, biases, bank_a, bank_bs, ranks, scales, ids
+        )
+        for m, (y, e) in enumerate(zip(ys, expected)):
+            assert_close(y, e, torch.float32, name=f"{strategy} {spread} seq {seq} member {m}")
+
+
+def test_torch_backend_single_thread_toggle_restores_threads():
+    threads = torch.get_num_threads()
+    gen = torch.Generator().manual_seed(8)
+    (w,), (b,), bank_a, (bank_b,), (scales,) = make_bank(16, [16], [RANKS], torch.float32, gen)
+    ids = torch.arange(-1, len(RANKS)).repeat(3)
+    with ops.use_backend("torch"):
+        ops.multi_lora_linear(torch.randn(ids.numel(), 16), w, b, bank_a, bank_b, RANKS, scales, ids)
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fake_and_schema(backend):
+    """The custom op's fake implementation agrees with the real one (torch.compile sees one node)."""
+    gen = torch.Generator().manual_seed(9)
+    (w,), (b,), bank_a, (bank_b,), (scales,) = make_bank(8, [5], [[2, 3]], torch.float32, gen)
+    ids = torch.tensor([1, -1, 0]).to(DEVICE)
+    sched = ops.adapter_schedule(ids, 2)
+    x = torch.randn(3, 8, device=DEVICE)
+    with ops.use_backend(backend):
+        tiles = ml.BACKENDS[backend].module().prepare(sched)
+        args = (
+            x,
+            [w],
+            [b],
+            bank_a,
+            [bank_b],
+            [2, 3],
+            scales,
+            sched.adapter_ids,
+            sched.order,
+            sched.starts,
+            tiles,
+        )
+        torch.library.opcheck(ml._multi_lora_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def _good():
+    gen = torch.Generator().manual_seed(10)
+    (w,), (b,), bank_a, (bank_b,), (scales,) = make_bank(6, [4], [[2, 3]], torch.float32, gen)
+    return dict(
+        x=torch.randn(3, 6, device=DEVICE), weight=w, bias=b, bank_a=bank_a, bank_b=bank_b, ranks=[2, 3],
+        scales=scales, adapter_ids=torch.tensor([0, 1, -1], device=DEVICE),
+    )  # fmt: skip
+
+
+BAD = {
+    "id too large": (dict(adapter_ids=torch.tensor([0, 2, -1])), ValueError, "adapter_ids must be in"),
+    "id below -1": (dict(adapter_ids=torch.tensor([0, -2, -1])), ValueError, "adapter_ids must be in"),
+    "float ids": (dict(adapter_ids=torch.tensor([0.0, 1.0, 0.0])), TypeError, "integer tensor"),
+    "ids shape": (dict(adapter_ids=torch.tensor([0, 1])), ValueError, "leading shape"),
+    "negative rank": (dict(ranks=[-1, 6]), ValueError, "ints >= 0"),
+    "ranks sum": (dict(ranks=[2, 2]), ValueError, "bank_a must have shape"),
+    "scales length": (dict(scales=[1.0]), ValueError, "one value per adapter"),
+    "scale nan": (dict(scales=[1.0, float("nan")]), TypeError, "scales"),
+    "bank_b width": (dict(bank_b=torch.randn(5, 3)), ValueError, "bank_b must have shape"),
+    "bank_a dtype": (
+        dict(bank_a=torch.randn(5, 6, dtype=torch.float64)),
+        TypeError,
+        "bank_a must be float32",
+    ),
+    "bank_a half": (dict(bank_a=torch.randn(5, 6).half()), TypeError, "bank_a must have x's dtype"),
+    "weight d_in": (dict(weight=torch.randn(4, 5)), ValueError, "weight must have shape"),
+    "bias shape": (dict(bias=torch.randn(5)), ValueError, "bias must have shape"),
+    "x int": (dict(x=torch.ones(3, 6, dtype=torch.long)), TypeError, "x must be float32"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input(case):
+    change, exc, match = BAD[case]
+    args = _good()
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        ops.multi_lora_linear(**args)
+
+
+def test_schedule_mismatch_and_grad_errors():
+    args = _good()
+    with pytest.raises(ValueError, match="schedule for 3 adapters"):
+        ops.multi_lora_linear(**{**args, "adapter_ids": ops.adapter_schedule(torch.tensor([0, 1, 2]), 3)})
+    with pytest.raises(ValueError, match="has 2 tokens"):
+        ops.multi_lora_linear(**{**args, "adapter_ids": ops.adapter_schedule(torch.tensor([0, 1]), 2)})
+    with pytest.raises(RuntimeError, match="inference-only"):
+        ops.multi_lora_linear(**{**args, "x": args["x"].requires_grad_()})
+    with torch.no_grad():  # the same call without grad is fine
+        ops.multi_lora_linear(**args)
+
+
+def test_grouped_bad_input():
+    gen = torch.Generator().manual_seed(11)
+    ranks = [[2, 1], [0, 3]]
+    weights, biases, bank_a, bank_bs, scales = make_bank(6, [4, 5], ranks, torch.float32, gen)
+    ids = torch.tensor([0, 1]).to(DEVICE)
+    x = torch.randn(2, 6, device=DEVICE)
+    with pytest.raises(ValueError, match="one sequence per member"):
+        ops.multi_lora_linear_grouped(x, weights, biases, bank_a, bank_bs, ranks[:1], scales, ids)
+    with pytest.raises(ValueError, match="same adapters"):
+        ops.multi_lora_linear_grouped(x, weights, biases, bank_a, bank_bs, [[2, 1], [0, 3, 1]], scales, ids)
+    with pytest.raises(ValueError, match=r"bank_b\[1\] must have shape"):
+        ops.multi_lora_linear_grouped(
+            x, weights, biases, bank_a, [bank_bs[0], bank_bs[0]], ranks, scales, ids
+        )
+    with pytest.raises(ValueError, match="non-empty lists of one length"):
+        ops.multi_lora_linear_grouped(x, weights, biases[:1], bank_a, bank_bs, ranks, scales, ids)
+
+
+def test_tolerance_table_covers_dtypes():
+    assert all(d in TOLERANCES for d in DTYPES)
