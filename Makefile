@@ -14,7 +14,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fastadapters demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests -n 2 --dist loadfile
+	$(PY) -m pytest tests -n 2 --dist loadfile --timeout 600 --durations 15
 
 bench: $(STAMP)
 	$(PY) -m bench --update-readme

@@ -11,6 +11,7 @@ and "fastadapters-<backend>" for every backend that runs here (the bank's ids ar
 AdapterBank passes them).
 extra_info: tokens, adapters, rank (the largest), bytes (x, W, b and y once plus the A/B of the adapters
 present: the traffic a fused kernel cannot avoid, for GB/s against the copy bandwidth) and flops.
+The per-row bottleneck op (multi_bottleneck_adapter) is measured the same way below (test_multi_bottleneck).
 """
 
 import pytest
@@ -19,7 +20,7 @@ from torch import nn
 
 from bench.common import device, fastadapters_providers, forced, on_gpu, pick, record
 from fastadapters import ops, reference
-from fastadapters.ops.multi_lora import BACKENDS
+from fastadapters.ops.multi_lora import BACKENDS, BOTTLENECK_BACKENDS
 
 MIXED = (8, 16, 32, 64)
 # (rows, tokens per row, d, adapters, ranks cycled over the adapters)
@@ -138,3 +139,74 @@ def test_multi_lora(benchmark, s, provider):
         )
         tol = 1e-3 if DTYPE == torch.float32 else 6e-2
         torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+
+
+# --------------------------------------------------------------------------------------------- bottleneck
+# Per-row bottleneck adapters (serving series/parallel adapters): out = h + s_a · f(h D_aᵀ) U_aᵀ per row.
+# Providers: "eager" (a loop over the adapters present: mask the rows, down, activation, up, add; no
+# library runs mixed bottleneck batches), "reference" and "fastadapters-<backend>".
+BN_SHAPES = pick(
+    [(32, 64, 256, 16, 64), (32, 1, 256, 16, 64)],
+    [(4, 3, 32, 4, 8)],
+    gpu=[(32, 128, 4096, 16, 256), (64, 1, 4096, 16, 256)],
+)
+BN_PROVIDERS = [
+    "eager",
+    "reference",
+    *fastadapters_providers(BOTTLENECK_BACKENDS, dtype=DTYPE),
+]
+
+
+def bn_name(s) -> str:
+    rows, seq, d, n, b = s
+    kind = "decode" if seq == 1 else "prefill"
+    return f"{kind} B{rows} S{seq} d{d} {n}x b{b} tanh {str(DTYPE).removeprefix('torch.')}"
+
+
+@pytest.mark.parametrize("provider", BN_PROVIDERS)
+@pytest.mark.parametrize("s", BN_SHAPES, ids=bn_name)
+def test_multi_bottleneck(benchmark, s, provider):
+    rows, seq, d, n, b = s
+    gen = torch.Generator().manual_seed(0)
+    sizes, scales, acts = [b] * n, [1.0] * n, ["tanh"] * n
+    down = (torch.randn(n * b, d, generator=gen) / d**0.5).to(device(), DTYPE)
+    up = (torch.randn(n * b, d, generator=gen) * 0.05).to(device(), DTYPE)
+    h = torch.randn(rows, seq, d, generator=gen).to(device(), DTYPE)
+    row_ids = torch.arange(rows) * n // rows
+    ids = row_ids[:, None].expand(rows, seq).to(device())
+    if provider == "eager":
+        token_ids = ids.reshape(-1)
+
+        def call():
+            out = h.reshape(-1, d).clone()
+            x = h.reshape(-1, d)
+            for a in token_ids.unique().tolist():
+                rows_a = token_ids == a
+                z = torch.tanh(x[rows_a] @ down[a * b : (a + 1) * b].T)
+                out[rows_a] += z @ up[a * b : (a + 1) * b]
+            return out.view(rows, seq, d)
+
+    elif provider == "reference":
+        call = lambda: reference.multi_bottleneck_adapter(h, down, up, sizes, scales, acts, ids)
+    else:
+        sched = ops.adapter_schedule(ids, n)
+        call = lambda: ops.multi_bottleneck_adapter(h, down, up, sizes, scales, acts, sched)
+    elt = h.element_size()
+    tokens = rows * seq
+    with forced(provider), torch.no_grad():
+        out = call()
+        record(
+            benchmark,
+            op="multi_bottleneck_adapter",
+            provider=provider,
+            shape=bn_name(s),
+            tokens=tokens,
+            adapters=n,
+            bytes=elt * (2 * tokens * d + 2 * n * b * d),
+            flops=2 * tokens * 2 * b * d,
+            dtype=str(DTYPE).removeprefix("torch."),
+        )
+        out = benchmark(call)
+    expected = reference.multi_bottleneck_adapter(h, down, up, sizes, scales, acts, ids)
+    tol = 1e-3 if DTYPE == torch.float32 else 6e-2
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)

@@ -14,6 +14,7 @@ import random
 import statistics
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -214,16 +215,26 @@ def compare_with_peft(base: str, items: list[dict], opts) -> dict:
         else:
             cfg = fastadapters.LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=targets)
             fastadapters.apply(model, cfg)
-        results[name] = _step_stats(model, batch, opts.bench_steps)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # peft calls deprecated transformers helpers
+            results[name] = _step_stats(model, batch, opts.bench_steps)
     return results
 
 
-def lora_backend() -> str:
-    """The backend the fused LoRA op runs on for fp32 CPU tensors here."""
-    from fastadapters.ops import lora
+def backends() -> str:
+    """Which backend the fused LoRA and bottleneck ops take for this demo's fp32 CPU tensors."""
+    from fastadapters.ops import bottleneck, lora
     from fastadapters.ops._dispatch import select
 
-    return select("lora_linear", lora.BACKENDS, torch.device("cpu"), dtype=torch.float32).name
+    cpu = torch.device("cpu")
+    lora_name = select("lora_linear", lora.BACKENDS, cpu, dtype=torch.float32).name
+    info = dict(dtype=torch.float32, bottleneck=32, dropout_p=0.0)
+    bottleneck_name = select("bottleneck_adapter", bottleneck.BACKENDS, cpu, **info).name
+    label = {"cpu": "cpu (C++ extension)", "torch": "torch (autograd.Function)"}
+    return (
+        f"fused LoRA op on the {label.get(lora_name, lora_name)} backend, "
+        f"bottleneck op on the {label.get(bottleneck_name, bottleneck_name)} backend"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -288,8 +299,8 @@ def _run(opts) -> None:
             "fastadapters demo: a random Llama-style model (hidden 64, 2 layers) and a BPE tokenizer built "
             f"here;\n{opts.train_size} synthetic training items 'What is a ± b?' "
             f"(a, b in 0..{opts.max_operand}: {n_problems} distinct problems),\n{opts.test_size} test items "
-            "drawn again from them, scored by the AddSub rule of fastadapters.evaluate; "
-            f"LoRA backend: {lora_backend()}"
+            "drawn again from them, scored by the AddSub rule of fastadapters.evaluate;\n"
+            f"{backends()}"
         )
         before = _evaluate(base, None, data_dir, os.path.join(work, "eval-base"), opts)
         print(
@@ -311,15 +322,14 @@ def _run(opts) -> None:
             rows.append((adapter, result.summary, after))
 
         print()
-        header = (
-            f"{'adapter':<26} {'trainable':>10} {'total':>10} {'trainable%':>10} {'before':>7} {'after':>7}"
-        )
+        columns = f"{'trainable':>10} {'total':>10} {'trainable%':>10} {'before':>7} {'after':>7}"
+        header = f"{'adapter, on all 7 projections':<29} {columns}"
         print(header)
         print("-" * len(header))
         for adapter, s, after in rows:
-            what = "lora r=32, 7 projections" if adapter == "lora" else "parallel 32, 7 projections"
+            what = "lora (r=32)" if adapter == "lora" else "parallel (bottleneck 32)"
             print(
-                f"{what:<26} {s['trainable_params']:>10,} {s['total_params']:>10,} "
+                f"{what:<29} {s['trainable_params']:>10,} {s['total_params']:>10,} "
                 f"{s['trainable_percent']:>9.2f}% "
                 f"{100 * before['accuracy']:>6.1f}% {100 * after['accuracy']:>6.1f}%"
             )
@@ -327,13 +337,13 @@ def _run(opts) -> None:
         bench = compare_with_peft(base, train_items, opts)
         (pt, ps, pm), (ft, fs, fm) = bench["peft"], bench["fastadapters"]
         if pm == pm:  # measured on a GPU
-            mem = f"peak memory {pm / 2**20:.1f} MiB vs {fm / 2**20:.1f} MiB (x{pm / fm:.2f})"
+            mem = f"peak memory {pm / 2**20:.1f} MiB vs {fm / 2**20:.1f} MiB (x{pm / fm:.2f} less)"
         else:
-            mem = f"saved for backward {ps / 2**10:.0f} KiB vs {fs / 2**10:.0f} KiB (x{ps / fs:.2f})"
+            mem = f"saved for backward {ps / 2**10:.0f} KiB vs {fs / 2**10:.0f} KiB (x{ps / fs:.2f} less)"
         print()
         print(
             f"training step, LoRA r=32 on 7 projections, batch {bench['shape'][0]}x{bench['shape'][1]}, "
             f"median of {opts.bench_steps}:\n  peft {1000 * pt:.1f} ms, fastadapters {1000 * ft:.1f} ms "
-            f"(x{pt / ft:.2f} faster); {mem}"
+            f"(speed-up x{pt / ft:.2f}); {mem}"
         )
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")

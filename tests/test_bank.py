@@ -232,8 +232,8 @@ def test_fp16_bank_matches_fp16_model(setup):
         pytest.skip("one family is enough for the dtype check")
     base16 = copy.deepcopy(base).half()
     bank = new_bank(base16, folders)
-    names = [bank.names()[2], None, bank.names()[3]]
-    ids = torch.randint(3, VOCAB, (3, 5))
+    names = ["r16_2", None, "r64_3", "series", "prefix5", "parallel"]
+    ids = torch.randint(3, VOCAB, (len(names), 5))
     logits = bank.forward(ids, adapter_names=names)
     assert logits.dtype == torch.float16
     for i, name in enumerate(names):

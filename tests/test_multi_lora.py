@@ -22,15 +22,17 @@ RANKS = [1, 8, 0, 16, 64, 8]
 SPREADS = ("distinct", "uniform", "zipf", "identical", "all-base")
 
 
-def _backend_params():
+def _backend_params(table):
     params = []
     for name in ("torch", "triton", "cpu", "cuda"):
-        why = ml.BACKENDS[name].reasons(device=DEVICE, dtype=torch.float32)
+        if name not in table:
+            continue
+        why = table[name].reasons(device=DEVICE, dtype=torch.float32)
         params.append(pytest.param(name, id=name, marks=pytest.mark.skipif(bool(why), reason="; ".join(why))))
     return params
 
 
-BACKENDS = _backend_params()
+BACKENDS = _backend_params(ml.BACKENDS)
 
 
 def row_adapters(spread: str, rows: int, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -271,6 +273,81 @@ def test_fake_and_schema(backend):
             tiles,
         )
         torch.library.opcheck(ml._multi_lora_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+# --------------------------------------------------------------------------------------------- bottleneck
+
+BN_SIZES = [3, 16, 0, 8, 40, 5]
+BN_ACTS = ["tanh", "relu", "gelu", "silu", "sigmoid", "tanh"]
+BN_BACKENDS = _backend_params(ml.BOTTLENECK_BACKENDS)
+
+
+def make_bottleneck_bank(d_in, d_out, dtype, gen):
+    n = len(BN_SIZES)
+    down = torch.randn(sum(BN_SIZES), d_in, generator=gen) / math.sqrt(d_in)
+    up = torch.randn(sum(BN_SIZES), d_out, generator=gen) / math.sqrt(max(BN_SIZES))
+    scales = [float(torch.empty(()).uniform_(-2, 2, generator=gen)) for _ in range(n)]
+    return down.to(DEVICE, dtype), up.to(DEVICE, dtype), scales
+
+
+@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("form", ["series", "parallel"])
+def test_bottleneck_matches_reference(backend, dtype, form):
+    """Per-row bottleneck adapters, every activation, sizes 0 (absent) to 40, series and parallel."""
+    gen = torch.Generator().manual_seed(13)
+    rows, seq, d_in = 7, 3, 33
+    d_out = d_in if form == "series" else 26
+    down, up, scales = make_bottleneck_bank(d_in, d_out, dtype, gen)
+    h = torch.randn(rows, seq, d_in, generator=gen).to(DEVICE, dtype)
+    residual = None if form == "series" else torch.randn(rows, seq, d_out, generator=gen).to(DEVICE, dtype)
+    ids = torch.randint(-1, len(BN_SIZES), (rows, seq), generator=gen).to(DEVICE)
+    with ops.use_backend(backend):
+        out = ops.multi_bottleneck_adapter(h, down, up, BN_SIZES, scales, BN_ACTS, ids, residual=residual)
+    expected = reference.multi_bottleneck_adapter(h, down, up, BN_SIZES, scales, BN_ACTS, ids, residual)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert_close(out, expected, dtype, name=f"{form} out")
+
+
+@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("spread", SPREADS)
+def test_bottleneck_spreads_and_decode(backend, spread):
+    gen = torch.Generator().manual_seed(14)
+    rows, d = 10, 21
+    down, up, scales = make_bottleneck_bank(d, d, torch.float32, gen)
+    row_ids = row_adapters(spread, rows, len(BN_SIZES), gen).sort().values
+    for seq in (1, 4):  # decode (one token per row) and prefill, one schedule reused by two calls
+        sched = ops.adapter_schedule(row_ids[:, None].expand(rows, seq).to(DEVICE), len(BN_SIZES))
+        for _ in range(2):
+            h = torch.randn(rows, seq, d, generator=gen).to(DEVICE)
+            with ops.use_backend(backend):
+                out = ops.multi_bottleneck_adapter(h, down, up, BN_SIZES, scales, BN_ACTS, sched)
+            expected = reference.multi_bottleneck_adapter(
+                h, down, up, BN_SIZES, scales, BN_ACTS, sched.adapter_ids
+            )
+            assert_close(out, expected, torch.float32, name=f"{spread} seq {seq}")
+
+
+def test_bottleneck_bad_input():
+    gen = torch.Generator().manual_seed(15)
+    down, up, scales = make_bottleneck_bank(6, 6, torch.float32, gen)
+    h, ids = torch.randn(2, 6, device=DEVICE), torch.tensor([0, 1], device=DEVICE)
+    args = (h, down, up, BN_SIZES, scales, BN_ACTS, ids)
+    ops.multi_bottleneck_adapter(*args)
+    with pytest.raises(ValueError, match="activations must be names"):
+        ops.multi_bottleneck_adapter(h, down, up, BN_SIZES, scales, ["tanh"] * 5 + ["swish"], ids)
+    with pytest.raises(ValueError, match="one name per adapter"):
+        ops.multi_bottleneck_adapter(h, down, up, BN_SIZES, scales, BN_ACTS[:2], ids)
+    with pytest.raises(ValueError, match="bank_down must have shape"):
+        ops.multi_bottleneck_adapter(h, down[1:], up, BN_SIZES, scales, BN_ACTS, ids)
+    with pytest.raises(ValueError, match="series form"):
+        ops.multi_bottleneck_adapter(h, down, up[:, :5], BN_SIZES, scales, BN_ACTS, ids)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        ops.multi_bottleneck_adapter(*args, residual=torch.randn(3, 6, device=DEVICE))
+    with pytest.raises(ValueError, match="adapter_ids must be in"):
+        ops.multi_bottleneck_adapter(h, down, up, BN_SIZES, scales, BN_ACTS, torch.tensor([0, 6]))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        ops.multi_bottleneck_adapter(h.requires_grad_(), down, up, BN_SIZES, scales, BN_ACTS, ids)
 
 
 # --------------------------------------------------------------------------------------------- errors

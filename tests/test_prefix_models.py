@@ -378,7 +378,7 @@ class _WordTokenizer:
         return {"input_ids": [10 + len(w) for w in text.split()]}
 
 
-def test_prompt_text_init_copies_word_embeddings():
+def test_prompt_text_init_copies_word_embeddings(tmp_path):
     cfg = fa.PromptTuningConfig(
         num_virtual_tokens=5, init="text", init_text="a bb ccc", tokenizer=_WordTokenizer()
     )
@@ -387,6 +387,10 @@ def test_prompt_text_init_copies_word_embeddings():
     fa.apply(model, cfg)
     words = model.get_input_embeddings().weight[torch.tensor([11, 12, 13, 11, 12])]
     assert torch.equal(model.fastadapters_prompt().detach(), words)
+    fa.save(model, tmp_path)  # the token ids travel with the config: no tokenizer needed to load
+    fa.remove(model)
+    fa.load(model, tmp_path)
+    assert model.fastadapters_config == cfg and torch.equal(model.fastadapters_prompt().detach(), words)
 
 
 @pytest.mark.parametrize(

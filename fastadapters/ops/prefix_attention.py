@@ -2,8 +2,10 @@
 
 One custom op, `fastadapters::prefix_attention`, returns the output and the row log-sum-exp (lse) that
 backward needs; backward is a second custom op. The prefix (prefix tuning's learned keys/values) is
-shared by the batch ([Hkv, P, D]) or chosen per row ([A, Hkv, P, D] with prefix_ids, -1 = none), and is
-never concatenated to the keys or copied per row in the Triton kernel.
+shared by the batch ([Hkv, P, D]) or chosen per row ([A, Hkv, P, D] with prefix_ids, -1 = none). It is
+never concatenated to the keys: the Triton kernel reads it through its own pointer; the torch backend
+attends to it as a separate block (on the CPU the batch flattened into one query sequence, so a shared
+prefix is not copied per row either) and merges the two blocks by log-sum-exp.
 
 Attention masks the op accepts (they cover the sequence keys only; the prefix is always visible):
     kind 0: none;
