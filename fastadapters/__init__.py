@@ -2,6 +2,7 @@
 
 from fastadapters import _ext  # noqa: F401  (loads the compiled extension once, or warns once)
 from fastadapters import ops, reference
+from fastadapters.bank import AdapterBank
 from fastadapters.config import (
     BottleneckConfig,
     LoraConfig,
@@ -33,6 +34,7 @@ __all__ = [
     "PromptTuningConfig",
     "PTuningConfig",
     "fold_prefix",
+    "AdapterBank",
     "apply",
     "remove",
     "merge",

@@ -56,6 +56,7 @@ class LoraLinear(AdapterModule):
         if init_weights and w.device.type != "meta":
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
+        self.train(base_layer.training)  # an eval model stays in eval: no dropout at inference
 
     def base_weight(self) -> torch.Tensor:
         """The frozen weight as [d_out, d_in] (a transposed view for Conv1D)."""

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "datasets" / "llm-adapters"
 TRAIN_FLAGS = [
     "--batch-size", "8", "--micro-batch-size", "4", "--cutoff-len", "96", "--learning-rate", "1e-3",
-    "--warmup-steps", "0", "--logging-steps", "1", "--no-progress",
+    "--warmup-steps", "0", "--logging-steps", "1", "--no-progress", "--precision", "fp32",
 ]  # fmt: skip
 
 
@@ -84,7 +84,7 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     code, stdout, err = _run_cli(
         ["eval", "--base-model", base, "--adapter", str(out), "--dataset", "gsm8k,boolq", "--data-dir",
          str(SHARED_DATA), "--limit", "20", "--batch-size", "8", "--num-beams", "2", "--max-new-tokens", "12",
-         "--output-dir", str(evals)],
+         "--output-dir", str(evals), "--dtype", "float32"],
         capsys,
     )  # fmt: skip
     assert code == 0, err

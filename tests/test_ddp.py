@@ -49,7 +49,8 @@ def test_torchrun_two_processes_identical_adapters(tmp_path):
         "--eval-step", "2", "--save-step", "2", "--learning-rate", "1e-2", "--warmup-steps", "0",
         "--lora-dropout", "0.1", "--target-modules", "q_proj,v_proj,down_proj", "--no-progress",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # CPU processes even on a GPU machine: two ranks cannot share one GPU under DDP.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
