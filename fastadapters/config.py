@@ -12,7 +12,9 @@ def _check_targets(target_modules):
         target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
     targets = list(target_modules)
     if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(f"target_modules must be None or a non-empty list of module names, got {target_modules!r}")
+        raise ValueError(
+            f"target_modules must be None or a non-empty list of module names, got {target_modules!r}"
+        )
     return targets
 
 
@@ -36,7 +38,11 @@ class LoraConfig:
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r (the LoRA rank) must be an integer >= 1, got {self.r!r}")
-        if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+        if (
+            not isinstance(self.lora_alpha, (int, float))
+            or not math.isfinite(self.lora_alpha)
+            or self.lora_alpha <= 0
+        ):
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")

@@ -69,7 +69,7 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
 
 
 def read_adapter(directory: str):
-    """(config, state dict, base-model signature) of a fastadapters adapter folder, checked, model untouched."""
+    """(config, state dict, base-model signature) of a fastadapters adapter folder; the model is untouched."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"adapter directory not found: {directory}")
     meta = _read_json(os.path.join(directory, CONFIG_NAME))
@@ -96,7 +96,8 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source:
     if missing or unexpected:
         raise ValueError(
             f"adapter weights in {source} do not match its config: missing {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
         )
     for name, p in params.items():
         if tuple(state[name].shape) != tuple(p.shape):
@@ -172,8 +173,15 @@ def read_peft(directory: str):
         raise FileNotFoundError(f"adapter directory not found: {directory}")
     cfg = _read_json(os.path.join(directory, PEFT_CONFIG_NAME))
     if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{directory} holds a {cfg.get('peft_type')!r} adapter; only PEFT LoRA can be loaded")
-    for key, off in (("use_dora", False), ("rank_pattern", {}), ("alpha_pattern", {}), ("modules_to_save", None)):
+        raise ValueError(
+            f"{directory} holds a {cfg.get('peft_type')!r} adapter; only PEFT LoRA can be loaded"
+        )
+    for key, off in (
+        ("use_dora", False),
+        ("rank_pattern", {}),
+        ("alpha_pattern", {}),
+        ("modules_to_save", None),
+    ):
         if cfg.get(key) not in (off, None) and cfg.get(key) != off:
             raise ValueError(f"PEFT option {key}={cfg[key]!r} in {directory} is not supported")
     if cfg.get("bias", "none") != "none":
@@ -182,7 +190,9 @@ def read_peft(directory: str):
     state = {}
     for key, value in raw.items():
         if not key.startswith(PEFT_PREFIX) or ".lora_" not in key:
-            raise ValueError(f"unexpected key {key!r} in {directory}; expected base_model.model.<path>.lora_A/B")
+            raise ValueError(
+                f"unexpected key {key!r} in {directory}; expected base_model.model.<path>.lora_A/B"
+            )
         name = key[len(PEFT_PREFIX) :]
         # PEFT may keep the adapter name in the key (lora_A.default.weight); our layout drops it.
         name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")

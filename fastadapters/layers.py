@@ -41,7 +41,9 @@ class LoraLinear(AdapterModule):
     compute dtype for the fused op; gradients flow back to the fp32 copies.
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout_p: float, init_weights: bool = True):
+    def __init__(
+        self, base_layer: nn.Module, r: int, scale: float, dropout_p: float, init_weights: bool = True
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)

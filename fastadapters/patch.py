@@ -76,7 +76,9 @@ def find_targets(model: nn.Module, targets: list[str], types=LINEAR_TYPES) -> di
             found[n] = m
     if unmatched:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in named if isinstance(m, LINEAR_TYPES)})
-        raise ValueError(f"target_modules {unmatched} match no module of the model; its linear layers are {leaves}")
+        raise ValueError(
+            f"target_modules {unmatched} match no module of the model; its linear layers are {leaves}"
+        )
     return found
 
 
@@ -228,7 +230,9 @@ def apply(model: nn.Module, config) -> nn.Module:
     if getattr(model, "fastadapters_config", None) is not None:
         raise ValueError("model already has a fastadapters adapter; call fastadapters.remove(model) first")
     if type(config) not in ADAPTER_KINDS:
-        raise TypeError(f"config must be one of {[c.__name__ for c in ADAPTER_KINDS]}, got {type(config).__name__}")
+        raise TypeError(
+            f"config must be one of {[c.__name__ for c in ADAPTER_KINDS]}, got {type(config).__name__}"
+        )
     add, _ = ADAPTER_KINDS[type(config)]
     was_trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     add(model, config)

@@ -99,7 +99,8 @@ def accelerate(peft_model: nn.Module, verbose: bool = True) -> nn.Module:
             accelerated += 1
         else:
             skipped[reason] += 1
-    summary = f"fastadapters.accelerate: {accelerated} LoRA layers accelerated, {sum(skipped.values())} left on PEFT"
+    left = sum(skipped.values())
+    summary = f"fastadapters.accelerate: {accelerated} LoRA layers accelerated, {left} left on PEFT"
     if skipped:
         summary += " (" + "; ".join(f"{n}: {why}" for why, n in sorted(skipped.items())) + ")"
     if accelerated == 0:

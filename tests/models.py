@@ -28,13 +28,22 @@ def tiny_config(family: str, **overrides):
         cfg = T.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)
     elif family == "opt":
         cfg = T.OPTConfig(
-            hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
-            max_position_embeddings=128, **common,
+            hidden_size=64,
+            ffn_dim=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=128,
+            **common,
         )
     elif family == "gpt_neox":
         cfg = T.GPTNeoXConfig(
-            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=128, **common,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            **common,
         )
     else:
         raise ValueError(family)

@@ -225,7 +225,13 @@ def _lora_linear_backward_op(
     backend: str,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     k = len(weights)
-    split = (needs[0], needs[1 : 1 + k], needs[1 + k : 1 + 2 * k], needs[1 + 2 * k : 1 + 3 * k], needs[1 + 3 * k :])
+    split = (
+        needs[0],
+        needs[1 : 1 + k],
+        needs[1 + k : 1 + 2 * k],
+        needs[1 + 2 * k : 1 + 3 * k],
+        needs[1 + 3 * k :],
+    )
     x2 = x.reshape(-1, x.shape[-1])
     dys2 = [dy.reshape(-1, dy.shape[-1]) for dy in dys]
     seed_int = None if seed is None else int(seed)
@@ -312,7 +318,9 @@ def _check_member(i: int, x: Tensor, weight, bias, lora_a, lora_b, scale, groupe
     C.check_like(f"weight{sfx}", w, "x", x)
     d_out, d_in = w.shape
     if d_in != x.shape[-1]:
-        raise ValueError(f"weight{sfx} must have shape (d_out, {x.shape[-1]}) to match x, got {C.describe(w)}")
+        raise ValueError(
+            f"weight{sfx} must have shape (d_out, {x.shape[-1]}) to match x, got {C.describe(w)}"
+        )
     if bias is not None:
         C.check_tensor(f"bias{sfx}", bias, ndim=1)
         C.check_like(f"bias{sfx}", bias, "x", x)
@@ -374,14 +382,23 @@ def lora_linear_grouped(
             "weights, biases, lora_as, lora_bs and scales must be non-empty lists of one length, got "
             f"{[len(v) for v in (weights, biases, lora_as, lora_bs, scales)]}"
         )
-    scales = [_check_member(i, x, *m, grouped=True) for i, m in enumerate(zip(weights, biases, lora_as, lora_bs, scales))]
+    scales = [
+        _check_member(i, x, *m, grouped=True)
+        for i, m in enumerate(zip(weights, biases, lora_as, lora_bs, scales))
+    ]
     p = C.check_dropout(dropout_p)
     p = p if training else 0.0
     seed = C.new_seed() if p > 0.0 else None
-    ys, _ = _lora_linear_op(x, list(weights), _biases(biases, x), list(lora_as), list(lora_bs), scales, p, seed)
+    ys, _ = _lora_linear_op(
+        x, list(weights), _biases(biases, x), list(lora_as), list(lora_bs), scales, p, seed
+    )
     return ys
 
 
 def lora_dropout_mask(shape, dropout_p: float, seed: int, device, dtype=torch.float32) -> Tensor:
     """The keep mask the selected backend draws for (shape, p, seed), for tests and debugging."""
-    return _backend(torch.empty(0, device=device, dtype=dtype)).module().dropout_mask(shape, dropout_p, seed, device)
+    return (
+        _backend(torch.empty(0, device=device, dtype=dtype))
+        .module()
+        .dropout_mask(shape, dropout_p, seed, device)
+    )
