@@ -252,7 +252,8 @@ MultiLoraMeta multi_lora_meta(int64_t k, at::IntArrayRef ranks) {
 }
 
 void check_multi_lora(const at::Tensor& x, at::TensorList weights, const at::Tensor& bank_a, at::TensorList bank_bs,
-                      const MultiLoraMeta& meta, at::IntArrayRef ranks, at::ArrayRef<double> scales, const at::Tensor& adapter_ids,
+                      const MultiLoraMeta& meta, at::IntArrayRef ranks, at::ArrayRef<double> scales,
+                      const at::Tensor& adapter_ids,
                       const at::Tensor& starts) {
     CHECK_FLOAT(x);
     TORCH_CHECK(x.dim() == 2, "x must be 2-D [n, d_in], got ", x.sizes());
@@ -282,7 +283,8 @@ void check_multi_lora(const at::Tensor& x, at::TensorList weights, const at::Ten
 }
 
 std::vector<at::Tensor> multi_lora_forward(const at::Tensor& x_in, at::TensorList weights,
-                                           const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& bank_a_in,
+                                           const c10::List<std::optional<at::Tensor>>& biases,
+                                           const at::Tensor& bank_a_in,
                                            at::TensorList bank_bs, at::IntArrayRef ranks, at::ArrayRef<double> scales,
                                            const at::Tensor& adapter_ids, const at::Tensor& order_in,
                                            const at::Tensor& starts_in) {
@@ -349,7 +351,8 @@ float scale_value(const std::optional<at::Tensor>& scale_tensor, double scale) {
 }
 
 std::tuple<at::Tensor, at::Tensor> bottleneck_forward(const at::Tensor& h_in, const at::Tensor& down,
-                                                      const at::Tensor& up, const std::optional<at::Tensor>& scale_tensor,
+                                                      const at::Tensor& up,
+                                                      const std::optional<at::Tensor>& scale_tensor,
                                                       double scale, int64_t activation, double p, int64_t seed,
                                                       const std::optional<at::Tensor>& residual_in) {
     CHECK_DEVICE(h_in, at::kCPU);
