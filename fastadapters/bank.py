@@ -141,7 +141,7 @@ class _Request:
         key = (rows, per_row, x.device)
         sched = self.schedules.get(key)
         if sched is None:
-            ids = self.expanded(rows, x.device)[:, None].expand(rows, per_row).reshape(-1)
+            ids = self.expanded(rows, x.device)[:, None].expand(rows, per_row)  # rows: the schedule sees them
             sched = self.schedules[key] = adapter_schedule(ids, len(self.state.names))
         return sched
 

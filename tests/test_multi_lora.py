@@ -217,17 +217,22 @@ def test_triton_split_k_and_tiles(monkeypatch):
     check_single("triton", torch.float32, x, w, b, bank_a, bank_b, RANKS, scales, ids)
 
 
-@pytest.mark.parametrize("strategy", ["segments", "batched"])
+@pytest.mark.parametrize("strategy", ["segments", "batched", "rows"])
 @pytest.mark.parametrize("spread", SPREADS)
-def test_torch_strategies(monkeypatch, strategy, spread):
-    """Both strategies of the torch backend, forced: per-adapter segments and the padded bmm groups."""
-    monkeypatch.setattr(ml, "BATCHED_BELOW", 0 if strategy == "segments" else 10**9)
+@pytest.mark.parametrize("uniform", [False, True], ids=["mixed-ranks", "one-rank"])
+def test_torch_strategies(monkeypatch, strategy, spread, uniform):
+    """Every strategy of the torch backend, forced: per-adapter segments, the padded bmm groups (decode)
+    and rows of one adapter each (prefill), with one rank signature (the rows path then takes the whole
+    batch, base rows scaled by 0) or several (rows gathered per signature)."""
+    monkeypatch.setattr(ml, "BATCHED_BELOW", 10**9 if strategy == "batched" else 0)
+    monkeypatch.setattr(ml, "ROWS_FROM_ADAPTERS", 1 if strategy == "rows" else 10**9)
     gen = torch.Generator().manual_seed(12)
     rows, d_in, d_out = 12, 24, 18
-    ranks = [[4, 8, 4, 0, 8, 1], [4, 8, 4, 2, 0, 1]]
+    ranks = [[4] * 6, [4] * 6] if uniform else [[4, 8, 4, 0, 8, 1], [4, 8, 4, 2, 0, 1]]
     weights, biases, bank_a, bank_bs, scales = make_bank(d_in, [d_out, d_out + 3], ranks, torch.float32, gen)
     row_ids = row_adapters(spread, rows, 6, gen)
-    for seq, ids in ((1, row_ids), (3, row_ids.sort().values)):
+    # Rows of 16 tokens are long enough for the rows path (rows x rank <= tokens); decode rows are not.
+    for seq, ids in ((1, row_ids), (3, row_ids.sort().values), (16, row_ids.sort().values), (16, row_ids)):
         ids = ids[:, None].expand(rows, seq).to(DEVICE)
         x = torch.randn(rows, seq, d_in, generator=gen).to(DEVICE)
         with ops.use_backend("torch"):
@@ -237,6 +242,26 @@ def test_torch_strategies(monkeypatch, strategy, spread):
         )
         for m, (y, e) in enumerate(zip(ys, expected)):
             assert_close(y, e, torch.float32, name=f"{strategy} {spread} seq {seq} member {m}")
+
+
+@pytest.mark.parametrize("spread", ["uniform", "identical"])
+def test_torch_rows_strategy_bottleneck(monkeypatch, spread):
+    monkeypatch.setattr(ml, "ROWS_FROM_ADAPTERS", 1)
+    gen = torch.Generator().manual_seed(16)
+    rows, seq, d = 9, 40, 20
+    down, up, scales = make_bottleneck_bank(d, d, torch.float32, gen)
+    ids = row_adapters(spread, rows, len(BN_SIZES), gen).sort().values[:, None].expand(rows, seq)
+    h = torch.randn(rows, seq, d, generator=gen)
+    with ops.use_backend("torch"):
+        out = ops.multi_bottleneck_adapter(h, down, up, BN_SIZES, scales, BN_ACTS, ids)
+    expected = reference.multi_bottleneck_adapter(h, down, up, BN_SIZES, scales, BN_ACTS, ids)
+    assert_close(out, expected, torch.float32, name=spread)
+
+
+def test_schedule_row_len():
+    assert ops.adapter_schedule(torch.tensor([[1, 1, 1], [0, 0, 0]]), 2).row_len == 3
+    assert ops.adapter_schedule(torch.tensor([[1, 0, 1], [0, 0, 0]]), 2).row_len == 0
+    assert ops.adapter_schedule(torch.tensor([1, 1, 0]), 2).row_len == 0
 
 
 def test_torch_backend_single_thread_toggle_restores_threads():

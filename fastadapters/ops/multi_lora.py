@@ -39,9 +39,11 @@ from fastadapters.ops._dispatch import Backend, extension_reasons, select, trito
 
 INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 # The torch backend runs its per-adapter GEMMs single-threaded when adapters average fewer tokens than this.
-SMALL_SEGMENT_TOKENS = 512
-# ... and batches the adapters (a few bmm calls in all) when they average fewer tokens than this.
+SMALL_SEGMENT_TOKENS = 64
+# ... batches the adapters (a few bmm calls in all) when they average fewer tokens than this ...
 BATCHED_BELOW = 32
+# ... and batches rows of one adapter each (prefill through AdapterBank) from this many adapters present.
+ROWS_FROM_ADAPTERS = 4
 # The bottleneck activations by code (the order of fastadapters.ops.bottleneck.ACTIVATIONS).
 ACTIVATION_FNS = (torch.tanh, torch.relu, torch.nn.functional.gelu, torch.nn.functional.silu, torch.sigmoid)
 
@@ -59,6 +61,8 @@ class AdapterSchedule:
     order: Tensor
     starts: Tensor
     num_adapters: int
+    # Tokens per row when the ids came as rows ([..., L]) with one id per row (AdapterBank's batches), else 0.
+    row_len: int = 0
     # Backend data derived from the schedule (e.g. Triton's tile table), filled on first use.
     prepared: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -85,7 +89,10 @@ def adapter_schedule(adapter_ids: Tensor, num_adapters: int) -> AdapterSchedule:
     if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 0:
         raise ValueError(f"num_adapters must be an int >= 0, got {num_adapters!r}")
     ids = adapter_ids.reshape(-1).to(torch.int64).contiguous()
-    is_sorted = False
+    is_sorted, row_len = False, 0
+    if ids.device.type == "cpu" and ids.numel() > 0 and adapter_ids.dim() >= 2 and adapter_ids.shape[-1] > 1:
+        rows = ids.view(-1, adapter_ids.shape[-1])
+        row_len = adapter_ids.shape[-1] if bool((rows == rows[:, :1]).all()) else 0
     if ids.device.type == "cpu" and ids.numel() > 0:
         lo, hi = int(ids.min()), int(ids.max())
         if lo < -1 or hi >= num_adapters:
@@ -101,7 +108,7 @@ def adapter_schedule(adapter_ids: Tensor, num_adapters: int) -> AdapterSchedule:
     starts = torch.searchsorted(
         sorted_ids, torch.arange(num_adapters + 1, device=ids.device, dtype=torch.int64)
     )
-    return AdapterSchedule(ids, order, starts, num_adapters)
+    return AdapterSchedule(ids, order, starts, num_adapters, row_len)
 
 
 @functools.lru_cache(maxsize=256)
@@ -144,11 +151,13 @@ class TorchMultiLora:
 
     @staticmethod
     def prepare(schedule: AdapterSchedule) -> Tensor:
-        """[adapters present, 1 + c] int64: the adapter, then its tokens' indices (−1 pads to c columns)."""
+        """[1 + adapters present, 1 + c] int64: row 0 is (row_len, 0, …); then per adapter present, the
+        adapter and its tokens' indices (−1 pads to c columns)."""
         st = schedule.starts.tolist()
         present = [a for a in range(schedule.num_adapters) if st[a + 1] > st[a]]
+        head = torch.tensor([[schedule.row_len]], device=schedule.device)
         if not present:
-            return schedule.starts.new_empty(0, 1)
+            return head
         dev = schedule.device
         first = torch.tensor([st[a] for a in present], device=dev)
         count = torch.tensor([st[a + 1] - st[a] for a in present], device=dev)
@@ -156,12 +165,13 @@ class TorchMultiLora:
         valid = steps < count[:, None]
         pos = (first[:, None] + steps).clamp(max=schedule.num_tokens - 1)
         tok = pos if schedule.order.numel() == 0 else schedule.order[pos]
-        return torch.cat([torch.tensor(present, device=dev)[:, None], torch.where(valid, tok, -1)], dim=1)
+        table = torch.cat([torch.tensor(present, device=dev)[:, None], torch.where(valid, tok, -1)], dim=1)
+        return torch.cat([torch.nn.functional.pad(head, (0, table.shape[1] - 1)), table])
 
     @staticmethod
     def forward(x, weights, biases, bank_a, bank_bs, ranks, scales, adapter_ids, order, starts, tiles):
         ys = [x @ w.T if b is None else torch.addmm(b, x, w.T) for w, b in zip(weights, biases)]
-        TorchMultiLora.add(x, ys, bank_a, bank_bs, ranks, scales, order, starts, tiles)
+        TorchMultiLora.add(x, ys, bank_a, bank_bs, ranks, scales, adapter_ids, order, starts, tiles)
         return ys
 
     @staticmethod
@@ -169,14 +179,18 @@ class TorchMultiLora:
         h, bank_down, bank_up, sizes, scales, acts, adapter_ids, order, starts, tiles, residual
     ):
         out = (h if residual is None else residual).clone()
-        TorchMultiLora.add(h, [out], bank_down, [bank_up], sizes, scales, order, starts, tiles, acts)
+        TorchMultiLora.add(
+            h, [out], bank_down, [bank_up], sizes, scales, adapter_ids, order, starts, tiles, acts
+        )
         return out
 
     @staticmethod
-    def add(x, ys, bank_a, bank_bs, ranks, scales, order, starts, tiles, acts=None):
+    def add(x, ys, bank_a, bank_bs, ranks, scales, adapter_ids, order, starts, tiles, acts=None):
         """ys[m][i] += scale · f(x[i] A_{m,a}ᵀ) B_{m,a}ᵀ in place (f = acts[a] if given, else identity)."""
         k = len(ys)
         n = len(ranks) // k
+        row_len = int(tiles[0, 0])
+        tiles = tiles[1:]
         if n == 0 or x.shape[0] == 0 or tiles.numel() == 0:
             return
         meta = host_meta(tuple(ranks), k)
@@ -184,6 +198,15 @@ class TorchMultiLora:
         present = tiles[:, 0].tolist()
         active = [a for a in present if a_rows[a] > 0]
         if not active:
+            return
+        rows = x.shape[0] // max(row_len, 1)
+        if (
+            row_len > 1
+            and len(active) >= ROWS_FROM_ADAPTERS
+            and rows * max(a_rows[a] for a in active) <= x.shape[0]
+        ):
+            args = (x, ys, bank_a, bank_bs, ranks, scales, acts)
+            TorchMultiLora._rows_batched(*args, adapter_ids, row_len, meta)
             return
         st = starts.tolist()
         tokens = sum(st[a + 1] - st[a] for a in active)
@@ -209,9 +232,9 @@ class TorchMultiLora:
         threads = torch.get_num_threads() if x.device.type == "cpu" else 1
         small = threads > 1 and (segments[-1][2] - segments[0][1]) < SMALL_SEGMENT_TOKENS * len(segments)
         if small:
-            # Rank-r GEMMs over a few hundred tokens gain little from a second thread, and each one opens
-            # an OpenMP region whose join stalls whenever a core is busy elsewhere (3x slower measured
-            # on a loaded 2-core machine): run them on this thread only.
+            # Rank-r GEMMs over a few dozen tokens gain nothing from a second thread, and each one opens an
+            # OpenMP region whose join stalls whenever a core is busy elsewhere: run them on this thread.
+            # (Over ~128 tokens the second thread wins on an idle machine: 1.43x vs 1.62x base measured.)
             torch.set_num_threads(1)
         try:
             a_off, _, t_col, b_off = meta
@@ -241,6 +264,48 @@ class TorchMultiLora:
             return bank[first : first + rows * len(offsets)].view(len(offsets), rows, bank.shape[1])
         index = torch.tensor(offsets, device=bank.device)[:, None] + torch.arange(rows, device=bank.device)
         return bank[index]
+
+    @staticmethod
+    def _rows_batched(x, ys, bank_a, bank_bs, ranks, scales, acts, adapter_ids, row_len, meta):
+        """Rows of one adapter each (prefill): x viewed as [rows, L, d_in], each row's A and B gathered
+        ([rows, r, d], far smaller than x when L >= r), one bmm shrinks and one baddbmm per member adds in
+        place: tokens are neither gathered nor scattered. Rows of other rank signatures (or none) get a
+        zero scale in a group's batch when that group covers the batch, else are gathered as rows."""
+        a_off, a_rows, t_col, b_off = meta
+        k, n = len(ys), len(ranks) // len(ys)
+        count = x.shape[0] // row_len
+        x3 = x.reshape(count, row_len, x.shape[1])
+        row_ad = adapter_ids.view(count, row_len)[:, 0].tolist()
+        groups: dict[tuple, list[int]] = {}
+        for i, a in enumerate(row_ad):
+            if a >= 0 and a_rows[a]:
+                act = None if acts is None else acts[a]
+                groups.setdefault((act, *(ranks[m * n + a] for m in range(k))), []).append(i)
+        dev = x.device
+        for (act, *sig), rows in groups.items():
+            whole = len(groups) == 1
+            first, in_group = row_ad[rows[0]], set(rows)
+            # With one group the whole batch goes through it (no gather): other rows (base, or adapters
+            # without LoRA here) borrow the group's first adapter and get scale 0.
+            members = range(count) if whole else rows
+            ad = [row_ad[i] if i in in_group else first for i in members]
+            keep = [1.0 if i in in_group else 0.0 for i in members]
+            xg = x3 if whole else x3[torch.tensor(rows, device=dev)]
+            t = torch.bmm(xg, bank_a[_row_index([a_off[a] for a in ad], a_rows[first], dev)].mT)
+            if act is not None:
+                t = ACTIVATION_FNS[act](t)
+            for m, r in enumerate(sig):
+                if not r:
+                    continue
+                c = t_col[m][first]
+                row_scales = [w * scales[m * n + a] for w, a in zip(keep, ad)]
+                t_m = t[:, :, c : c + r] * torch.tensor(row_scales, device=dev, dtype=x.dtype)[:, None, None]
+                lora_b = bank_bs[m][_row_index([b_off[m][a] for a in ad], r, dev)]
+                y3 = ys[m].view(count, row_len, ys[m].shape[1])
+                if whole:
+                    y3.baddbmm_(t_m, lora_b)
+                else:
+                    y3.index_add_(0, torch.tensor(rows, device=dev), torch.bmm(t_m, lora_b))
 
     @staticmethod
     def _batched(x, ys, bank_a, bank_bs, ranks, scales, acts, st, table, present, meta):
@@ -275,6 +340,11 @@ class TorchMultiLora:
                     t_m.mul_(valid[..., None])  # padded rows point at token 0: make them add nothing
                 lora_b = TorchMultiLora._rows(bank_bs[m], [b_off[m][a] for a in adapters], r)
                 ys[m].index_add_(0, tok, torch.bmm(t_m, lora_b).view(-1, ys[m].shape[1]))
+
+
+def _row_index(offsets: list, rows: int, device) -> Tensor:
+    """[len(offsets), rows]: o, o + 1, …, o + rows − 1 for each offset (gathers each row's A or B)."""
+    return torch.tensor(offsets, device=device)[:, None] + torch.arange(rows, device=device)
 
 
 def _cpu_reasons(device, **info) -> list[str]:
