@@ -3,14 +3,15 @@
 One step = zero_grad, forward with labels, backward, AdamW step on the adapter parameters.
 Setup (issues 6 and 9): h512, 4 layers, batch 4, sequence 256, LoRA r16 (alpha 32) on
 q,k,v,up,down, dropout 0.05; fp32 on the CPU, bf16 base weights on a GPU.
-Providers: "peft" (get_peft_model), "fastadapters" (fastadapters.apply with the same config) and
-"peft+accelerate" (fastadapters.accelerate on the PeftModel; skipped where it does not exist yet).
+Providers: "peft" (get_peft_model), "fastadapters" (fastadapters.apply with the same config),
+"peft+accelerate" (fastadapters.accelerate on the PeftModel) and "frozen": the same model with no
+adapter at all, every weight frozen, backward from the loss to the input embeddings (so every layer's
+input gradient is computed as in LoRA training). "frozen" is the ceiling: a LoRA implementation whose
+adapters cost nothing would take its time; t/t(frozen) is the adapters' whole overhead.
 extra_info: tokens per step, saved_bytes (saved for backward, parameters excluded), peak_rss_mb, and
 flops, the step's approximate model FLOPs (frozen matmuls forward and input-gradient: 4 per weight per
 token; adapter weights: 6; attention scores and values counted in full, not halved for causality).
 """
-
-import types
 
 import pytest
 import torch
@@ -26,21 +27,11 @@ SMOKE = dict(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=97
 # On a GPU, also a 4096-wide Llama block pair (7B-sized layers) to see the kernels at realistic widths.
 WIDE = dict(hidden=4096, intermediate=11008, layers=2, heads=32, kv_heads=32, vocab=2048, batch=4, seq=512)
 SHAPES = pick([TINY], [SMOKE], gpu=[TINY, WIDE])
-PROVIDERS = ["peft", "fastadapters", "peft+accelerate"]
+PROVIDERS = ["peft", "fastadapters", "peft+accelerate", "frozen"]
 
 
 def shape_name(s: dict) -> str:
     return f"h{s['hidden']} L{s['layers']} B{s['batch']} T{s['seq']} r{RANK}"
-
-
-def accelerate_fn():
-    """fastadapters.accelerate (issue 9) as a callable, or None where it does not exist yet."""
-    import fastadapters
-
-    acc = getattr(fastadapters, "accelerate", None)
-    if isinstance(acc, types.ModuleType):
-        acc = getattr(acc, "accelerate", None)
-    return acc if callable(acc) else None
 
 
 def build_model(s: dict):
@@ -73,7 +64,9 @@ def step_flops(model, s: dict) -> int:
 
 def adapted_model(provider: str, s: dict):
     model = build_model(s)
-    if provider == "fastadapters":
+    if provider == "frozen":
+        model.requires_grad_(False)
+    elif provider == "fastadapters":
         import fastadapters
 
         cfg = fastadapters.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=TARGETS)
@@ -84,32 +77,47 @@ def adapted_model(provider: str, s: dict):
         cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=TARGETS)
         model = peft.get_peft_model(model, cfg)
         if provider == "peft+accelerate":
-            model = accelerate_fn()(model)
+            import fastadapters
+
+            model = fastadapters.accelerate(model, verbose=False)
     return model.train()
+
+
+def make_step(provider: str, s: dict):
+    """(model, params, forward, step) for one provider: forward() returns the loss, step() runs a
+    whole training step (zero_grad, forward, backward, AdamW step) and returns the loss."""
+    model = adapted_model(provider, s)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=gen).to(device())
+    embed = model.get_input_embeddings()
+
+    def forward():
+        if provider == "frozen":  # gradients flow from the loss down to the embeddings' output
+            return model(inputs_embeds=embed(ids).requires_grad_(), labels=ids).loss
+        return model(input_ids=ids, labels=ids).loss
+
+    def step():
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        loss = forward()
+        loss.backward()
+        if opt is not None:
+            opt.step()
+        return loss
+
+    return model, params, forward, step
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("s", SHAPES, ids=shape_name)
 def test_train_step(benchmark, s, provider):
-    if provider == "peft+accelerate" and accelerate_fn() is None:
-        pytest.skip("fastadapters.accelerate does not exist yet (issue 9)")
-    model = adapted_model(provider, s)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=gen).to(device())
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        return loss
-
+    model, params, forward, step = make_step(provider, s)
     reset_peak_rss()
     first = step()  # creates the optimizer state outside the timed rounds
     synchronize()
-    saved = saved_bytes(lambda: model(input_ids=ids, labels=ids).loss, exclude=list(model.parameters()))
+    saved = saved_bytes(forward, exclude=list(model.parameters()))
     record(
         benchmark,
         op="train_step",
@@ -124,4 +132,5 @@ def test_train_step(benchmark, s, provider):
     loss = benchmark(step)
     benchmark.extra_info["peak_rss_mb"] = peak_rss_mb()
     assert torch.isfinite(first) and torch.isfinite(loss)
-    assert len(params) == 2 * len(TARGETS) * s["layers"], "the adapter must cover every target of every layer"
+    expected = 0 if provider == "frozen" else 2 * len(TARGETS) * s["layers"]
+    assert len(params) == expected, "the adapter must cover every target of every layer"

@@ -36,6 +36,22 @@ def test_every_bench_body_runs_once():
     assert " passed" in out and "failed" not in out, out[-2000:]
 
 
+def test_side_by_side_runs_and_saves(tmp_path):
+    """bench.side_by_side: every provider timed in interleaved rounds, the table and JSON written."""
+    code = (
+        "import bench.side_by_side as sbs, bench.__main__ as m; "
+        f"sbs.RESULTS_DIR = {str(tmp_path)!r}; raise SystemExit(sbs.main(['--rounds', '2', '--save']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=bench_env(), capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for provider in ("peft", "fastadapters", "peft+accelerate", "frozen"):
+        assert f"| {provider} |" in proc.stdout, proc.stdout
+    (path,) = glob.glob(str(tmp_path / "*-side-by-side.json"))
+    runs = json.load(open(path))["providers"]
+    assert all(len(r["times"]) == 2 and r["saved_bytes"] > 0 for r in runs.values())
+
+
 def bench_record(op, provider, shape, median, q1=None, q3=None, **extra) -> dict:
     q1 = median * 0.9 if q1 is None else q1
     q3 = median * 1.1 if q3 is None else q3

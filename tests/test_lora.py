@@ -444,6 +444,35 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(grads[k], v.grad, msg=f"d{k}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_op_equals_eager_path(backend):
+    """Eager calls skip the custom op (lora._EagerLoraLinear); traced calls use it. Both must agree
+    exactly, dropout mask included, and the custom op must pass torch.library.opcheck."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 12, device=DEVICE, requires_grad=True)
+    ws = [torch.randn(d, 12, device=DEVICE) for d in (7, 5)]
+    bs = [torch.randn(7, device=DEVICE, requires_grad=True), None]
+    As = [torch.randn(r, 12, device=DEVICE, requires_grad=True) for r in (3, 2)]
+    Bs = [torch.randn(d, r, device=DEVICE, requires_grad=True) for d, r in ((7, 3), (5, 2))]
+    leaves = [x, bs[0], *As, *Bs]
+    scales, p, seed = [0.5, 2.0], 0.3, 1234
+    results = []
+    with ops.use_backend(backend):
+        for traced in (False, True):
+            if traced:
+                ys, _ = lora_ops._lora_linear_op(
+                    x, ws, lora_ops._biases(bs, x), As, Bs, scales, p, torch.tensor(seed)
+                )
+            else:
+                ys = lora_ops._EagerLoraLinear.apply(2, scales, p, seed, x, *ws, *bs, *As, *Bs)
+            grads = torch.autograd.grad(sum((y * (i + 1)).sum() for i, y in enumerate(ys)), leaves)
+            results.append([y.detach() for y in ys] + list(grads))
+        args = (x, ws, lora_ops._biases(bs, x), As, Bs, scales, p, torch.tensor(seed))
+        torch.library.opcheck(lora_ops._lora_linear_op, args, test_utils=("test_schema", "test_faketensor"))
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"output/grad {i}")
+
+
 # --------------------------------------------------------------------------------------------- bad input
 
 

@@ -185,6 +185,34 @@ def _empty_if_none(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
+def _forward_impl(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed):
+    """The selected backend's forward on x flattened to 2-D: (ys, t, backend name). biases: None-able."""
+    backend = _backend(x)
+    x2 = x.reshape(-1, x.shape[-1])
+    ys, t = backend.module().forward(x2, weights, biases, lora_as, lora_bs, scales, dropout_p, seed)
+    return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys], t, backend.name
+
+
+def _backward_impl(dys, x, weights, lora_as, lora_bs, t, scales, dropout_p, seed, needs, backend):
+    """Gradients (dx, dws, dbs, dlas, dlbs), None where `needs` (flat: x, w.., b.., A.., B..) is False."""
+    k = len(weights)
+    split = (
+        needs[0],
+        needs[1 : 1 + k],
+        needs[1 + k : 1 + 2 * k],
+        needs[1 + 2 * k : 1 + 3 * k],
+        needs[1 + 3 * k :],
+    )
+    x2 = x.reshape(-1, x.shape[-1])
+    dys2 = [dy.reshape(-1, dy.shape[-1]) for dy in dys]
+    # The backend that ran forward, whatever is forced now: only it regenerates the same dropout mask.
+    impl = BACKENDS[backend].module()
+    dx, dws, dbs, dlas, dlbs = impl.backward(
+        dys2, x2, weights, lora_as, lora_bs, t, scales, dropout_p, seed, split
+    )
+    return (None if dx is None else dx.reshape(x.shape)), dws, dbs, dlas, dlbs
+
+
 @torch.library.custom_op("fastadapters::lora_linear", mutates_args=())
 def _lora_linear_op(
     x: Tensor,
@@ -196,11 +224,10 @@ def _lora_linear_op(
     dropout_p: float,
     seed: Optional[Tensor],  # noqa: UP045
 ) -> tuple[list[Tensor], Tensor]:
-    x2 = x.reshape(-1, x.shape[-1])
     seed_int = None if seed is None else int(seed)
     biases = [None if b.numel() == 0 else b for b in biases]
-    ys, t = _backend(x).module().forward(x2, weights, biases, lora_as, lora_bs, scales, dropout_p, seed_int)
-    return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys], t
+    ys, t, _ = _forward_impl(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed_int)
+    return ys, t
 
 
 @_lora_linear_op.register_fake
@@ -224,23 +251,11 @@ def _lora_linear_backward_op(
     needs: list[bool],
     backend: str,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    k = len(weights)
-    split = (
-        needs[0],
-        needs[1 : 1 + k],
-        needs[1 + k : 1 + 2 * k],
-        needs[1 + 2 * k : 1 + 3 * k],
-        needs[1 + 3 * k :],
-    )
-    x2 = x.reshape(-1, x.shape[-1])
-    dys2 = [dy.reshape(-1, dy.shape[-1]) for dy in dys]
     seed_int = None if seed is None else int(seed)
-    # The backend that ran forward, whatever is forced now: only it regenerates the same dropout mask.
-    impl = BACKENDS[backend].module()
-    dx, dws, dbs, dlas, dlbs = impl.backward(
-        dys2, x2, weights, lora_as, lora_bs, t, scales, dropout_p, seed_int, split
+    dx, dws, dbs, dlas, dlbs = _backward_impl(
+        dys, x, weights, lora_as, lora_bs, t, scales, dropout_p, seed_int, needs, backend
     )
-    dx = x.new_empty(0) if dx is None else dx.reshape(x.shape)
+    dx = x.new_empty(0) if dx is None else dx
     return (
         dx,
         [_empty_if_none(g, x) for g in dws],
@@ -312,6 +327,58 @@ def _backward(ctx, dys, dt):
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerLoraLinear(torch.autograd.Function):
+    """The eager twin of the custom op: the same backend calls, without the custom op's per-call cost
+    (pytree flattening, redispatch: about 0.8 ms per layer, forward and backward) where no compiler or
+    functorch transform needs the op. Inputs: (k, scales, dropout_p, seed, x, *weights, *biases,
+    *lora_as, *lora_bs), biases None-able; outputs: the k ys."""
+
+    @staticmethod
+    def forward(ctx, k, scales, dropout_p, seed, x, *tensors):
+        weights, biases, lora_as, lora_bs = (list(tensors[i * k : (i + 1) * k]) for i in range(4))
+        ys, t, ctx.backend = _forward_impl(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed)
+        ctx.k, ctx.scales, ctx.dropout_p, ctx.seed = k, scales, dropout_p, seed
+        ctx.save_for_backward(x, t, *weights, *lora_as, *lora_bs)
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        k = ctx.k
+        x, t, *rest = ctx.saved_tensors
+        weights, lora_as, lora_bs = rest[:k], rest[k : 2 * k], rest[2 * k :]
+        dys = [x.new_zeros(*x.shape[:-1], w.shape[0]) if dy is None else dy for dy, w in zip(dys, weights)]
+        needs = list(ctx.needs_input_grad[4:])
+        dx, dws, dbs, dlas, dlbs = _backward_impl(
+            dys, x, weights, lora_as, lora_bs, t, ctx.scales, ctx.dropout_p, ctx.seed, needs, ctx.backend
+        )
+        return (None, None, None, None, dx, *dws, *dbs, *dlas, *dlbs)
+
+
+def _traced(x: Tensor) -> bool:
+    """Whether this call is being traced (torch.compile, export, fake or meta tensors, functorch), where
+    only the custom op works."""
+    return (
+        torch.compiler.is_compiling()
+        or type(x) not in (Tensor, torch.nn.Parameter)
+        or x.device.type == "meta"
+        or torch._C._are_functorch_transforms_active()
+    )
+
+
+def _run(x, weights, biases, lora_as, lora_bs, scales, dropout_p) -> list[Tensor]:
+    """ys of the LoRA op with a fresh dropout seed: the custom op when traced, else the eager Function."""
+    seed = C.new_seed() if dropout_p > 0.0 else None
+    if _traced(x):
+        ys, _ = _lora_linear_op(x, weights, _biases(biases, x), lora_as, lora_bs, scales, dropout_p, seed)
+        return ys
+    seed = None if seed is None else int(seed)
+    return list(
+        _EagerLoraLinear.apply(
+            len(weights), scales, dropout_p, seed, x, *weights, *biases, *lora_as, *lora_bs
+        )
+    )
+
+
 def _check_member(i: int, x: Tensor, weight, bias, lora_a, lora_b, scale, grouped: bool):
     sfx = f"[{i}]" if grouped else ""
     w = C.check_tensor(f"weight{sfx}", weight, ndim=2)
@@ -354,10 +421,7 @@ def lora_linear(
     C.check_tensor("x", x, min_ndim=1)
     scale = _check_member(0, x, weight, bias, lora_a, lora_b, scale, grouped=False)
     p = C.check_dropout(dropout_p)
-    p = p if training else 0.0
-    seed = C.new_seed() if p > 0.0 else None
-    ys, _ = _lora_linear_op(x, [weight], _biases([bias], x), [lora_a], [lora_b], [scale], p, seed)
-    return ys[0]
+    return _run(x, [weight], [bias], [lora_a], [lora_b], [scale], p if training else 0.0)[0]
 
 
 def lora_linear_grouped(
@@ -387,12 +451,7 @@ def lora_linear_grouped(
         for i, m in enumerate(zip(weights, biases, lora_as, lora_bs, scales))
     ]
     p = C.check_dropout(dropout_p)
-    p = p if training else 0.0
-    seed = C.new_seed() if p > 0.0 else None
-    ys, _ = _lora_linear_op(
-        x, list(weights), _biases(biases, x), list(lora_as), list(lora_bs), scales, p, seed
-    )
-    return ys
+    return _run(x, list(weights), list(biases), list(lora_as), list(lora_bs), scales, p if training else 0.0)
 
 
 def lora_dropout_mask(shape, dropout_p: float, seed: int, device, dtype=torch.float32) -> Tensor:
