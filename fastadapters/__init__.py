@@ -1,7 +1,10 @@
 """fastadapters: fused kernels for adapter fine-tuning and multi-adapter serving of LLMs."""
 
-from fastadapters import _ext  # noqa: F401  (loads the compiled extension once, or warns once)
-from fastadapters import ops, reference
+from fastadapters import (
+    _ext,  # noqa: F401  (loads the compiled extension once, or warns once)
+    ops,
+    reference,
+)
 from fastadapters.bank import AdapterBank
 from fastadapters.config import (
     BottleneckConfig,
@@ -26,6 +29,7 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(f"fastadapters.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'fastadapters' has no attribute {name!r}")
+
 
 __all__ = [
     "LoraConfig",
