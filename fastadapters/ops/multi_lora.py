@@ -108,7 +108,23 @@ def adapter_schedule(adapter_ids: Tensor, num_adapters: int) -> AdapterSchedule:
     starts = torch.searchsorted(
         sorted_ids, torch.arange(num_adapters + 1, device=ids.device, dtype=torch.int64)
     )
-    return AdapterSchedule(ids, order, starts, num_adapters, row_len)
+    schedule = AdapterSchedule(ids, order, starts, num_adapters, row_len)
+    # Prepare now, outside any compiled region, for the backends the ops will pick on this device (the
+    # preparation reads the schedule's values, which a torch.compile graph cannot do without a break).
+    for op, backends in (("multi_lora_linear", BACKENDS), ("multi_bottleneck_adapter", BOTTLENECK_BACKENDS)):
+        try:
+            _prepared(schedule, select(op, backends, schedule.device))
+        except RuntimeError:  # no backend here: the op call itself raises with the reasons
+            pass
+    return schedule
+
+
+def _prepared(schedule: AdapterSchedule, backend: Backend) -> Tensor:
+    """The backend's data for this schedule (e.g. Triton's tile table), computed once per backend."""
+    tiles = schedule.prepared.get(backend.name)
+    if tiles is None:
+        tiles = schedule.prepared[backend.name] = backend.module().prepare(schedule)
+    return tiles
 
 
 @functools.lru_cache(maxsize=256)
@@ -511,10 +527,7 @@ def run_unchecked(x, weights, biases, bank_a, bank_bs, ranks: list, scales: list
 
     ranks/scales flattened member-major (ranks[m * n + a]); biases entries may be None.
     """
-    backend = _backend(x)
-    tiles = schedule.prepared.get(backend.name)
-    if tiles is None:
-        tiles = schedule.prepared[backend.name] = backend.module().prepare(schedule)
+    tiles = _prepared(schedule, _backend(x))
     biases = [x.new_empty(0) if b is None else b for b in biases]
     return _multi_lora_op(
         x, list(weights), biases, bank_a, list(bank_bs), ranks, scales,
@@ -634,10 +647,7 @@ _multi_bottleneck_op.register_autograd(_no_backward, setup_context=lambda ctx, i
 
 def run_bottleneck_unchecked(h, bank_down, bank_up, sizes, scales, activations, schedule, residual=None):
     """multi_bottleneck_adapter without the input checks (AdapterBank); activations as codes."""
-    backend = _bottleneck_backend(h)
-    tiles = schedule.prepared.get(backend.name)
-    if tiles is None:
-        tiles = schedule.prepared[backend.name] = backend.module().prepare(schedule)
+    tiles = _prepared(schedule, _bottleneck_backend(h))
     return _multi_bottleneck_op(
         h, bank_down, bank_up, sizes, scales, activations, schedule.adapter_ids, schedule.order,
         schedule.starts, tiles, h.new_empty(0) if residual is None else residual, residual is not None,
