@@ -1,4 +1,5 @@
-"""Benchmark setup: on a GPU the `benchmark` fixture times with CUDA events.
+"""Benchmark setup: on the CPU the `benchmark` fixture times providers in interleaved rounds; on a GPU
+it times with CUDA events.
 
 Every bench file calls `benchmark(fn)` (or `benchmark.pedantic(...)`) as on the CPU. Where CUDA is
 available this conftest hands them a wrapper of pytest-benchmark's fixture that
@@ -9,17 +10,27 @@ available this conftest hands them a wrapper of pytest-benchmark's fixture that
   wall-clock rounds include the kernels;
 - records torch.cuda.max_memory_allocated over one call as extra_info["max_memory_allocated_mb"]
   and the timer used as extra_info["timer"].
-On the CPU the fixture is pytest-benchmark's own (time.perf_counter).
+On the CPU (a shared machine, whose speed drifts by tens of percent from one minute to the next)
+`benchmark(fn)` runs fn once (the warm-up, and the value the test gets back) and defers the timed rounds
+to the end of the file. There the benchmarks of each group (one op and shape: the providers compared)
+run in interleaved rounds, each round calling every provider once in an order that rotates, with the
+backend each test had forced, so every ratio in a group comes from the same minutes. Rounds per group:
+pytest-benchmark's --benchmark-min-rounds, or more until the slowest provider has had
+--benchmark-max-time seconds. The stats and JSON are pytest-benchmark's own; extra_info["timer"] says
+which timing was used. `benchmark.pedantic` is pytest-benchmark's own, not interleaved.
 With FASTADAPTERS_BENCH_PARTIAL=<file> each finished benchmark is also appended to that file as one
 JSON line, so `python -m bench` keeps the results of a file that runs out of time.
 """
 
 import functools
 import json
+import math
 import os
+import time
 
 import pytest
 import torch
+from pytest_benchmark.fixture import BenchmarkFixture
 
 
 def cuda_times_ms(fn, min_runs: int = 10) -> list[float]:
@@ -50,30 +61,68 @@ def cuda_times_ms(fn, min_runs: int = 10) -> list[float]:
     return times
 
 
-class CudaBenchmark:
-    """pytest-benchmark's fixture with CUDA-synchronised timing (see the module docstring)."""
+# Benchmarks of this file whose timed rounds wait for the end of the file: (fixture, stats, call, backend).
+_DEFERRED: list = []
 
-    def __init__(self, inner):
-        object.__setattr__(self, "_inner", inner)
 
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def __setattr__(self, name, value):
-        setattr(self._inner, name, value)
-
-    def _record_memory(self):
-        self._inner.extra_info.setdefault(
-            "max_memory_allocated_mb", torch.cuda.max_memory_allocated() / 2**20
-        )
+class InterleavedBenchmark(BenchmarkFixture):
+    """pytest-benchmark's fixture with the rounds deferred and interleaved (see the module docstring)."""
 
     def __call__(self, fn, *args, **kwargs):
-        inner = self._inner
-        make_stats = getattr(inner, "_make_stats", None)
-        if inner.disabled or make_stats is None or getattr(inner, "_mode", None):
-            return (
-                inner(fn, *args, **kwargs) if inner.disabled else self.pedantic(fn, args, kwargs, rounds=10)
-            )
+        if self.disabled or self._mode:
+            return super().__call__(fn, *args, **kwargs)  # disabled (smoke runs), or used twice: its error
+        from fastadapters.ops._dispatch import forced_backend
+
+        call = functools.partial(fn, *args, **kwargs)
+        start = time.perf_counter()
+        result = call()
+        estimate = time.perf_counter() - start
+        self._mode = "benchmark(...) in interleaved rounds"
+        self.extra_info["timer"] = "wall-clock, interleaved rounds within the group"
+        _DEFERRED.append((self, self._make_stats(1), call, forced_backend(), estimate))
+        return result
+
+
+def run_deferred() -> None:
+    """Times every deferred benchmark, group by group, in interleaved rounds; then appends the partials."""
+    from fastadapters.ops import use_backend
+
+    groups: dict[str, list] = {}
+    for entry in _DEFERRED:
+        groups.setdefault(entry[0].group, []).append(entry)
+    _DEFERRED.clear()
+    for entries in groups.values():
+        fixture = entries[0][0]
+        slowest = max(estimate for *_, estimate in entries)
+        rounds = max(fixture._min_rounds, math.ceil(fixture._max_time / max(slowest, 1e-9)))
+        for r in range(rounds):
+            for i in range(len(entries)):
+                _, stats, call, backend, _ = entries[(r + i) % len(entries)]
+                with use_backend(backend):
+                    start = time.perf_counter()
+                    call()
+                    stats.update(time.perf_counter() - start)
+        for fixture, *_ in entries:
+            append_partial(fixture)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interleaved_rounds():
+    yield
+    run_deferred()
+
+
+class CudaBenchmark(BenchmarkFixture):
+    """pytest-benchmark's fixture with CUDA-synchronised timing (see the module docstring)."""
+
+    def _record_memory(self):
+        self.extra_info.setdefault("max_memory_allocated_mb", torch.cuda.max_memory_allocated() / 2**20)
+
+    def __call__(self, fn, *args, **kwargs):
+        if self.disabled:
+            return super().__call__(fn, *args, **kwargs)
+        if self._mode:
+            return self.pedantic(fn, args, kwargs, rounds=10)  # raises pytest-benchmark's "used twice"
         call = functools.partial(fn, *args, **kwargs)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -81,11 +130,11 @@ class CudaBenchmark:
         torch.cuda.synchronize()
         self._record_memory()
         times_ms = cuda_times_ms(call)
-        inner._mode = "benchmark(...) timed with CUDA events"
-        stats = make_stats(1)
+        self._mode = "benchmark(...) timed with CUDA events"
+        stats = self._make_stats(1)
         for t in times_ms:
             stats.update(t / 1e3)
-        inner.extra_info["timer"] = "cuda-event (triton.testing.do_bench)"
+        self.extra_info["timer"] = "cuda-event (triton.testing.do_bench)"
         return result
 
     def pedantic(
@@ -103,7 +152,7 @@ class CudaBenchmark:
 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        result = self._inner.pedantic(
+        result = super().pedantic(
             synced_target,
             args=args,
             kwargs=kwargs,
@@ -114,7 +163,7 @@ class CudaBenchmark:
             iterations=iterations,
         )
         self._record_memory()
-        self._inner.extra_info.setdefault("timer", "wall-clock, device synchronised")
+        self.extra_info.setdefault("timer", "wall-clock, device synchronised")
         return result
 
 
@@ -139,5 +188,8 @@ def append_partial(fixture) -> None:
 
 @pytest.fixture
 def benchmark(benchmark):  # noqa: F811 - wraps pytest-benchmark's fixture of the same name
-    yield CudaBenchmark(benchmark) if torch.cuda.is_available() else benchmark
-    append_partial(benchmark)
+    # The same object, its class swapped: pytest-benchmark checks that the fixture is its own type.
+    benchmark.__class__ = CudaBenchmark if torch.cuda.is_available() else InterleavedBenchmark
+    yield benchmark
+    if not any(entry[0] is benchmark for entry in _DEFERRED):  # deferred ones: after their rounds
+        append_partial(benchmark)

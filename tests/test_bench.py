@@ -1,6 +1,7 @@
 """The benchmark suite's plumbing: every bench body runs once (untimed, smoke shapes), and the report,
 the README block and bench.compare are checked on synthetic results with known ratios."""
 
+import contextlib
 import glob
 import json
 import os
@@ -8,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+
+import fastadapters.ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # bench/ is a folder of the repository, not part of the installed package
@@ -176,14 +179,54 @@ class FakeStats:
 
 
 class FakeFixture:
-    """The parts of pytest-benchmark's BenchmarkFixture that bench/conftest.py's wrapper uses."""
+    """The parts of pytest-benchmark's BenchmarkFixture that bench/conftest.py's fixtures use."""
 
     def __init__(self):
         self.disabled, self._mode, self.extra_info, self.group, self.stats = False, None, {}, None, None
+        self._min_rounds, self._max_time = 3, 0.0
 
     def _make_stats(self, iterations):
         self.stats = FakeStats()
         return self.stats
+
+
+def fake_fixture(cls):
+    """An instance of bench/conftest.py's fixture class `cls` (a BenchmarkFixture subclass, as
+    pytest-benchmark requires) holding only FakeFixture's state."""
+
+    class Fake(FakeFixture, cls):
+        pass
+
+    fixture = object.__new__(Fake)
+    FakeFixture.__init__(fixture)
+    return fixture
+
+
+def test_interleaved_rounds_alternate_providers(monkeypatch):
+    """CPU timing: each provider of a group runs once when the test calls benchmark(fn); the timed rounds
+    run later, every round calling each provider once in a rotating order, with its forced backend."""
+    monkeypatch.delenv("FASTADAPTERS_BACKEND", raising=False)
+    seen = []
+    fixtures = {}
+    for provider, backend in (("a", None), ("b", "torch"), ("c", None)):
+        fixtures[provider] = fixture = fake_fixture(bench_conftest.InterleavedBenchmark)
+        fixture.group = "op shape"
+        with contextlib.ExitStack() as stack:
+            if backend:
+                stack.enter_context(fastadapters.ops.use_backend(backend))
+            out = fixture(lambda p=provider: seen.append((p, os.environ.get("FASTADAPTERS_BACKEND"))) or p)
+        assert out == provider and fixture.stats.data == []  # the warm-up call only, no timing yet
+    other = fake_fixture(bench_conftest.InterleavedBenchmark)
+    other.group = "another group"
+    other(lambda: seen.append(("x", None)))
+    seen.clear()
+    bench_conftest.run_deferred()
+    assert [p for p, _ in seen] == list("abcbcacab") + ["x"] * 3
+    assert all(env == ("torch" if p == "b" else None) for p, env in seen)
+    for fixture in (*fixtures.values(), other):
+        assert len(fixture.stats.data) == 3
+        assert fixture.extra_info["timer"] == "wall-clock, interleaved rounds within the group"
+    assert bench_conftest._DEFERRED == []
 
 
 def test_cuda_wrapper_stores_cuda_event_times(monkeypatch):
@@ -195,14 +238,13 @@ def test_cuda_wrapper_stores_cuda_event_times(monkeypatch):
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 3 * 2**20)
     monkeypatch.setattr(bench_conftest, "cuda_times_ms", lambda fn: [2.0, 1.0, 3.0])
-    inner = FakeFixture()
-    wrapped = bench_conftest.CudaBenchmark(inner)
+    wrapped = fake_fixture(bench_conftest.CudaBenchmark)
     wrapped.group = "lora x"
     calls = []
     assert wrapped(lambda v: calls.append(v) or v + 1, 41) == 42
-    assert calls == [41] and inner.group == "lora x"
-    assert inner.stats.data == [0.002, 0.001, 0.003]
-    assert inner.extra_info == {
+    assert calls == [41]
+    assert wrapped.stats.data == [0.002, 0.001, 0.003]
+    assert wrapped.extra_info == {
         "max_memory_allocated_mb": 3.0,
         "timer": "cuda-event (triton.testing.do_bench)",
     }
