@@ -7,7 +7,7 @@ Providers: "reference", "peft", "eager", "frozen"/"base" (the layer without adap
 "fastadapters-<backend>". Within one group the report gives every provider's time ratio to each
 baseline present (peft, eager, frozen, base, reference). Extra keys the report understands:
 saved_bytes (bytes saved for backward), tokens (tokens processed per call, for tokens/s),
-flops and bytes (work per call, for TFLOP/s and GB/s on a GPU), rank, peak_rss_mb,
+flops and bytes (work per call, for TFLOP/s and GB/s on a GPU), rank,
 max_memory_allocated_mb.
 
 Timing: call `benchmark(fn)` (or `benchmark.pedantic(...)`) as usual. On a GPU, bench/conftest.py
@@ -19,7 +19,6 @@ Shapes: `pick(real, smoke, gpu=...)`; `python -m bench` runs the suite and write
 
 import contextlib
 import os
-import resource
 
 import torch
 
@@ -91,29 +90,6 @@ def saved_bytes(fn, exclude=()) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())
-
-
-def reset_peak_rss() -> bool:
-    """Resets this process's peak RSS (Linux: /proc/self/clear_refs), so that peak_rss_mb() measures
-    from now on; returns False where that is not possible (peak_rss_mb() is then the process's peak)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (since the last reset_peak_rss()), in MiB."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def synchronize():

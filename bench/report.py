@@ -507,7 +507,7 @@ def readme_block(runs: list[tuple[str, dict]]) -> str:
                         fmt_num(tok / r.median) if tok else "",
                         fmt_ratio(base.median / r.median) if base and provider != "peft" else "",
                         fmt_ratio(sb / base_sb) if sb is not None and base_sb and provider != "peft" else "",
-                        fmt_num(r.extra.get("peak_rss_mb") or r.extra.get("max_memory_allocated_mb")),
+                        fmt_num(r.extra.get("max_memory_allocated_mb")),
                     ]
                 )
         if body:
@@ -518,7 +518,7 @@ def readme_block(runs: list[tuple[str, dict]]) -> str:
                 "tokens/s",
                 "speedup × peft",
                 "saved bytes × peft",
-                "peak MiB",
+                "max alloc MiB (GPU)",
             ]
             out += [table(header, body), ""]
         rv = [(op, shape, p, r) for op, shape, p, _, r in r_values(ops) if op == "lora" and p != "peft"]
