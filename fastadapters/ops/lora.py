@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fastadapters.ops import _checks as C
-from fastadapters.ops._dispatch import Backend, extension_reasons, select, triton_reasons
+from fastadapters.ops._dispatch import Backend, extension_reasons, select, traced, triton_reasons
 
 
 class TorchLora:
@@ -354,21 +354,10 @@ class _EagerLoraLinear(torch.autograd.Function):
         return (None, None, None, None, dx, *dws, *dbs, *dlas, *dlbs)
 
 
-def _traced(x: Tensor) -> bool:
-    """Whether this call is being traced (torch.compile, export, fake or meta tensors, functorch), where
-    only the custom op works."""
-    return (
-        torch.compiler.is_compiling()
-        or type(x) not in (Tensor, torch.nn.Parameter)
-        or x.device.type == "meta"
-        or torch._C._are_functorch_transforms_active()
-    )
-
-
 def _run(x, weights, biases, lora_as, lora_bs, scales, dropout_p) -> list[Tensor]:
     """ys of the LoRA op with a fresh dropout seed: the custom op when traced, else the eager Function."""
     seed = C.new_seed() if dropout_p > 0.0 else None
-    if _traced(x):
+    if traced(x):
         ys, _ = _lora_linear_op(x, weights, _biases(biases, x), lora_as, lora_bs, scales, dropout_p, seed)
         return ys
     seed = None if seed is None else int(seed)

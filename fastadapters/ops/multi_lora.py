@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from fastadapters.ops import _checks as C
-from fastadapters.ops._dispatch import Backend, extension_reasons, select, triton_reasons
+from fastadapters.ops._dispatch import Backend, extension_reasons, select, traced, triton_reasons
 
 INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 # The torch backend runs its per-adapter GEMMs single-threaded when adapters average fewer tokens than this.
@@ -400,14 +400,27 @@ def _multi_lora_op(
     starts: Tensor,
     tiles: Tensor,
 ) -> list[Tensor]:
-    x2 = x.reshape(-1, x.shape[-1])
     biases = [None if b.numel() == 0 else b for b in biases]
-    ys = (
-        _backend(x)
-        .module()
-        .forward(x2, weights, biases, bank_a, bank_bs, ranks, scales, adapter_ids, order, starts, tiles)
+    return _forward(
+        _backend(x), x, weights, biases, bank_a, bank_bs, ranks, scales, adapter_ids, order, starts, tiles
+    )
+
+
+def _forward(backend, x, weights, biases, bank_a, bank_bs, ranks, scales, adapter_ids, order, starts, tiles):
+    """The backend's forward on x flattened to 2-D (biases None-able)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    ys = backend.module().forward(
+        x2, weights, biases, bank_a, bank_bs, ranks, scales, adapter_ids, order, starts, tiles
     )
     return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
+
+
+def _eager(x: Tensor, *tensors) -> bool:
+    """Whether the op may skip its custom-op wrapper: not traced, and no gradient wanted (the wrapper is
+    what raises the clear no-backward error)."""
+    if traced(x):
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, *tensors))
 
 
 @_multi_lora_op.register_fake
@@ -527,7 +540,13 @@ def run_unchecked(x, weights, biases, bank_a, bank_bs, ranks: list, scales: list
 
     ranks/scales flattened member-major (ranks[m * n + a]); biases entries may be None.
     """
-    tiles = _prepared(schedule, _backend(x))
+    backend = _backend(x)
+    tiles = _prepared(schedule, backend)
+    if _eager(x, *weights, *biases, bank_a, *bank_bs):
+        return _forward(
+            backend, x, weights, biases, bank_a, bank_bs, ranks, scales,
+            schedule.adapter_ids, schedule.order, schedule.starts, tiles,
+        )  # fmt: skip
     biases = [x.new_empty(0) if b is None else b for b in biases]
     return _multi_lora_op(
         x, list(weights), biases, bank_a, list(bank_bs), ranks, scales,
@@ -623,14 +642,21 @@ def _multi_bottleneck_op(
     residual: Tensor,
     has_residual: bool,
 ) -> Tensor:
+    res = residual if has_residual else None
+    return _bottleneck_forward(
+        _bottleneck_backend(h), h, bank_down, bank_up, sizes, scales, activations, adapter_ids, order, starts,
+        tiles, res,
+    )  # fmt: skip
+
+
+def _bottleneck_forward(
+    backend, h, bank_down, bank_up, sizes, scales, activations, adapter_ids, order, starts, tiles, residual
+):
+    """The backend's bottleneck_forward on h flattened to 2-D (residual None-able)."""
     h2 = h.reshape(-1, h.shape[-1])
-    res = residual.reshape(h2.shape[0], -1) if has_residual else None
-    out = (
-        _bottleneck_backend(h)
-        .module()
-        .bottleneck_forward(
-            h2, bank_down, bank_up, sizes, scales, activations, adapter_ids, order, starts, tiles, res
-        )
+    res = None if residual is None else residual.reshape(h2.shape[0], -1)
+    out = backend.module().bottleneck_forward(
+        h2, bank_down, bank_up, sizes, scales, activations, adapter_ids, order, starts, tiles, res
     )
     return out.reshape(*h.shape[:-1], out.shape[-1])
 
@@ -647,7 +673,13 @@ _multi_bottleneck_op.register_autograd(_no_backward, setup_context=lambda ctx, i
 
 def run_bottleneck_unchecked(h, bank_down, bank_up, sizes, scales, activations, schedule, residual=None):
     """multi_bottleneck_adapter without the input checks (AdapterBank); activations as codes."""
-    tiles = _prepared(schedule, _bottleneck_backend(h))
+    backend = _bottleneck_backend(h)
+    tiles = _prepared(schedule, backend)
+    if _eager(h, bank_down, bank_up, residual):
+        return _bottleneck_forward(
+            backend, h, bank_down, bank_up, sizes, scales, activations, schedule.adapter_ids, schedule.order,
+            schedule.starts, tiles, residual,
+        )  # fmt: skip
     return _multi_bottleneck_op(
         h, bank_down, bank_up, sizes, scales, activations, schedule.adapter_ids, schedule.order,
         schedule.starts, tiles, h.new_empty(0) if residual is None else residual, residual is not None,
