@@ -98,7 +98,9 @@ tests() {
     local xdist=()
     if "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n 4 --dist loadfile); fi
     # shellcheck disable=SC2086  # GPU_CHECK_TESTS is a list of pytest targets
-    FASTADAPTERS_TEST_DEVICE=cuda "$PY" -m pytest ${GPU_CHECK_TESTS:-tests} -q -ra -p no:cacheprovider --benchmark-disable \
+    # FASTADAPTERS_AUTOTUNE=0: the Triton kernels take their first config instead of timing every one at
+    # every test shape (the tests check results; the bench stage autotunes).
+    FASTADAPTERS_TEST_DEVICE=cuda FASTADAPTERS_AUTOTUNE=0 "$PY" -m pytest ${GPU_CHECK_TESTS:-tests} -q -ra -p no:cacheprovider --benchmark-disable \
         --durations=15 --junitxml="$LOGS/tests.xml" "${xdist[@]}"
 }
 
