@@ -13,9 +13,10 @@ max_memory_allocated_mb.
 Timing: call `record(...)` then `benchmark(fn)` (or `benchmark.pedantic(...)`) as usual. On the CPU,
 bench/conftest.py runs fn once there and times it at the end of the file, in rounds interleaved with the
 other providers of its group (so call record first: it sets the group; and keep fn's inputs alive, as
-fn's closure does). On a GPU, bench/conftest.py wraps the fixture so that `benchmark(fn)` times fn with CUDA events (`triton.testing.do_bench`,
-L2 flushed between runs) and stores those times as the pytest-benchmark stats, and `pedantic`
-synchronises the device around each round; both record torch.cuda.max_memory_allocated.
+fn's closure does). On a GPU, bench/conftest.py wraps the fixture so that `benchmark(fn)` times fn
+with CUDA events (`triton.testing.do_bench`, L2 flushed between runs) and stores those times as the
+pytest-benchmark stats, and `pedantic` synchronises the device around each round; both record
+torch.cuda.max_memory_allocated.
 Shapes: `pick(real, smoke, gpu=...)`; `python -m bench` runs the suite and writes the report.
 """
 
