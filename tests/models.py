@@ -58,3 +58,48 @@ def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
     cfg = tiny_config(family, **overrides)
     model = T.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return model.eval()
+
+
+class CountingTokens(torch.utils.data.Dataset):
+    """A learnable token dataset: each row counts up from a random start (input_ids = labels)."""
+
+    def __init__(self, n=32, seq=16):
+        gen = torch.Generator().manual_seed(0)
+        start = torch.randint(3, VOCAB - seq, (n, 1), generator=gen)
+        self.ids = start + torch.arange(seq)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def trainer_loss_before_after(model, tmp_path, learning_rate: float) -> tuple[float, float]:
+    """The model's eval loss on CountingTokens before and after 12 HF Trainer steps (CPU, batch 8)."""
+    from transformers import Trainer, TrainingArguments
+
+    data = CountingTokens()
+    batch = torch.stack([data[i]["input_ids"] for i in range(len(data))])
+
+    def loss_now():
+        model.eval()
+        with torch.no_grad():
+            return model(batch, labels=batch).loss.item()
+
+    before = loss_now()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=12,
+        per_device_train_batch_size=8,
+        learning_rate=learning_rate,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=4,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=data).train()
+    return before, loss_now()

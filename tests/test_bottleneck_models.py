@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 from conftest import TEST_DEVICE, assert_close
-from models import FAMILIES, VOCAB, tiny_model
+from models import FAMILIES, VOCAB, tiny_model, trainer_loss_before_after
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -351,55 +351,16 @@ def test_save_load_roundtrip(tmp_path, kwargs):
 # --------------------------------------------------------------------------------------------- HF Trainer
 
 
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=32, seq=16):
-        gen = torch.Generator().manual_seed(0)
-        # A learnable pattern: each row counts up from a random start.
-        start = torch.randint(3, VOCAB - seq, (n, 1), generator=gen)
-        self.ids = start + torch.arange(seq)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 @pytest.mark.parametrize("mode", ["adapterh", "parallel"])
 def test_trainer_lowers_loss(tmp_path, mode):
-    from transformers import Trainer, TrainingArguments
-
     config = fastadapters.BottleneckConfig(
         bottleneck_size=16, scaling="learned", init_weights="mam_adapter", **MODES[mode]
     )
     model = fastadapters.apply(tiny_model("llama"), config)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    data = _Tokens()
-    batch = torch.stack([data[i]["input_ids"] for i in range(len(data))])
-
-    def loss_now():
-        model.eval()
-        with torch.no_grad():
-            return model(batch, labels=batch).loss.item()
-
-    before = loss_now()
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=12,
-        per_device_train_batch_size=8,
-        # Adam moves each weight by about lr per step; a random tiny model passes little of the MLP's
-        # signal to the logits, so the adapter needs the larger step.
-        learning_rate=5e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=4,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    Trainer(model=model, args=args, train_dataset=data).train()
-    after = loss_now()
+    # Adam moves each weight by about lr per step; a random tiny model passes little of the MLP's signal to
+    # the logits, so the adapter needs the larger step.
+    before, after = trainer_loss_before_after(model, tmp_path, learning_rate=5e-2)
     assert after < before - 0.1, f"loss did not fall: {before:.4f} -> {after:.4f}"
     assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if n in base_before)
 

@@ -8,7 +8,7 @@ import peft
 import pytest
 import torch
 from conftest import assert_close
-from models import FAMILIES, VOCAB, tiny_model
+from models import FAMILIES, VOCAB, tiny_model, trainer_loss_before_after
 from transformers.pytorch_utils import Conv1D
 
 import fastadapters
@@ -275,53 +275,14 @@ def test_generate_matches_peft(family):
 # HF Trainer
 
 
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=32, seq=16):
-        gen = torch.Generator().manual_seed(0)
-        # A learnable pattern: each row counts up from a random start.
-        start = torch.randint(3, VOCAB - seq, (n, 1), generator=gen)
-        self.ids = start + torch.arange(seq)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def test_trainer_lowers_loss(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
     model = fastadapters.apply(
         tiny_model("llama"),
         fastadapters.LoraConfig(
             r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]
         ),
     )
-    data = _Tokens()
-    batch = torch.stack([data[i]["input_ids"] for i in range(len(data))])
-
-    def loss_now():
-        model.eval()
-        with torch.no_grad():
-            return model(batch, labels=batch).loss.item()
-
-    before = loss_now()
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=12,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=4,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    Trainer(model=model, args=args, train_dataset=data).train()
-    after = loss_now()
+    before, after = trainer_loss_before_after(model, tmp_path, learning_rate=1e-2)
     assert after < before - 0.1, f"loss did not fall: {before:.4f} -> {after:.4f}"
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".lora_" not in n)
 
