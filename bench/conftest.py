@@ -1,8 +1,8 @@
 """Benchmark setup: on the CPU the `benchmark` fixture times providers in interleaved rounds; on a GPU
 it times with CUDA events.
 
-Every bench file calls `benchmark(fn)` (or `benchmark.pedantic(...)`) as on the CPU. Where CUDA is
-available this conftest hands them a wrapper of pytest-benchmark's fixture that
+Every bench file calls `benchmark(fn)` (or `benchmark.pedantic(...)`) the same way. The fixture is
+pytest-benchmark's own object with its class swapped for a subclass. Where CUDA is available it
 - for `benchmark(fn)`: runs fn once, then times it with `triton.testing.do_bench` (CUDA events, the
   L2 cache flushed before each run) and stores those per-run times as the pytest-benchmark stats, so
   the JSON, the report and `bench.compare` read GPU and CPU runs the same way;
@@ -18,8 +18,9 @@ backend each test had forced, so every ratio in a group comes from the same minu
 pytest-benchmark's --benchmark-min-rounds, or more until the slowest provider has had
 --benchmark-max-time seconds. The stats and JSON are pytest-benchmark's own; extra_info["timer"] says
 which timing was used. `benchmark.pedantic` is pytest-benchmark's own, not interleaved.
-With FASTADAPTERS_BENCH_PARTIAL=<file> each finished benchmark is also appended to that file as one
-JSON line, so `python -m bench` keeps the results of a file that runs out of time.
+With FASTADAPTERS_BENCH_PARTIAL=<file> each finished benchmark (on the CPU: once its group's rounds are
+done, at the end of the file) is also appended to that file as one JSON line, so `python -m bench` keeps
+the results of a file that runs out of time.
 """
 
 import functools
@@ -61,7 +62,8 @@ def cuda_times_ms(fn, min_runs: int = 10) -> list[float]:
     return times
 
 
-# Benchmarks of this file whose timed rounds wait for the end of the file: (fixture, stats, call, backend).
+# Benchmarks of this file whose timed rounds wait for the end of the file:
+# (fixture, stats, call, forced backend, seconds of the first call).
 _DEFERRED: list = []
 
 
