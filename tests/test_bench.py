@@ -42,7 +42,7 @@ def test_every_bench_body_runs_once():
 def test_side_by_side_runs_and_saves(tmp_path):
     """bench.side_by_side: every provider timed in interleaved rounds, the table and JSON written."""
     code = (
-        "import bench.side_by_side as sbs, bench.__main__ as m; "
+        "import bench.side_by_side as sbs; "
         f"sbs.RESULTS_DIR = {str(tmp_path)!r}; raise SystemExit(sbs.main(['--rounds', '2', '--save']))"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=bench_env(), capture_output=True,
