@@ -109,15 +109,21 @@ void check_lora_members(const at::Tensor& x, at::TensorList weights, at::TensorL
     }
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor> lora_forward(const at::Tensor& x_in, at::TensorList weights,
-                                                             const c10::List<std::optional<at::Tensor>>& biases,
-                                                             at::TensorList lora_as, at::TensorList lora_bs,
-                                                             at::ArrayRef<double> scales, double p, int64_t seed) {
+// The LoRA kernels' x: a 2-D floating CPU tensor, as rows (unit column stride).
+at::Tensor lora_input(const at::Tensor& x_in) {
     CHECK_DEVICE(x_in, at::kCPU);
     CHECK_FLOAT(x_in);
     TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [n, d_in], got ", x_in.sizes());
     const at::Tensor x = as_rows(x_in);
     CHECK_ROWS(x);
+    return x;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> lora_forward(const at::Tensor& x_in, at::TensorList weights,
+                                                             const c10::List<std::optional<at::Tensor>>& biases,
+                                                             at::TensorList lora_as, at::TensorList lora_bs,
+                                                             at::ArrayRef<double> scales, double p, int64_t seed) {
+    const at::Tensor x = lora_input(x_in);
     check_lora_members(x, weights, lora_as, lora_bs, scales);
     TORCH_CHECK(biases.size() == weights.size(), "biases must have one entry per weight");
     const int k = static_cast<int>(weights.size());
@@ -154,11 +160,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
 lora_backward(at::TensorList dys_in, const at::Tensor& x_in, at::TensorList weights, at::TensorList lora_as,
               at::TensorList lora_bs, const at::Tensor& t_in, at::ArrayRef<double> scales, double p, int64_t seed,
               at::IntArrayRef needs) {
-    CHECK_DEVICE(x_in, at::kCPU);
-    CHECK_FLOAT(x_in);
-    TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [n, d_in], got ", x_in.sizes());
-    const at::Tensor x = as_rows(x_in);
-    CHECK_ROWS(x);
+    const at::Tensor x = lora_input(x_in);
     check_lora_members(x, weights, lora_as, lora_bs, scales);
     const int k = static_cast<int>(weights.size());
     TORCH_CHECK(static_cast<int>(dys_in.size()) == k, "dys must have one entry per weight");

@@ -299,23 +299,6 @@ def bank_attention_forward(module, query, key, value, attention_mask, scaling=No
     return out.transpose(1, 2), None
 
 
-_REGISTERED = False
-
-
-def _register_attention() -> None:
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    from fastadapters.prefix import prefix_attention_mask
-
-    AttentionInterface.register(ATTENTION_NAME, bank_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, prefix_attention_mask)
-    _REGISTERED = True
-
-
 # --------------------------------------------------------------------------------------------- the bank
 
 
@@ -635,7 +618,9 @@ class AdapterBank:
             if BANK_ATTR not in module.__dict__:
                 object.__setattr__(module, BANK_ATTR, (self, path))
         if not self._attention_routed:
-            _register_attention()
+            from fastadapters.prefix import register_attention
+
+            register_attention(ATTENTION_NAME, bank_attention_forward)
             self.model.set_attn_implementation(ATTENTION_NAME)
             self._attention_routed = True
 

@@ -174,20 +174,20 @@ def prefix_attention_mask(
     )
 
 
-_REGISTERED = False
+_REGISTERED: set[str] = set()
 
 
-def register_attention() -> None:
-    """Registers the attention and mask functions under "fastadapters_prefix" (idempotent)."""
-    global _REGISTERED
-    if _REGISTERED:
+def register_attention(name: str = ATTENTION_NAME, forward=None) -> None:
+    """Registers `forward` (default: prefix_attention_forward) and the prefix-aware mask function with
+    transformers under `name` (idempotent per name)."""
+    if name in _REGISTERED:
         return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(ATTENTION_NAME, prefix_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, prefix_attention_mask)
-    _REGISTERED = True
+    AttentionInterface.register(name, prefix_attention_forward if forward is None else forward)
+    AttentionMaskInterface.register(name, prefix_attention_mask)
+    _REGISTERED.add(name)
 
 
 def _bloom_prefix_forward(

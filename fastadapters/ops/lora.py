@@ -296,16 +296,22 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, output[1], *weights, *lora_as, *lora_bs, *([seed] if seed is not None else []))
 
 
-def _backward(ctx, dys, dt):
+def _unpack(ctx, dys):
+    """(x, t, weights, lora_as, lora_bs, extra saved, dys) from saved tensors laid out as (x, t, k weights,
+    k A, k B, extra...), the upstream gradients that are None (outputs unused) replaced by zeros."""
     k = ctx.k
     x, t, *rest = ctx.saved_tensors
-    weights, lora_as, lora_bs = rest[:k], rest[k : 2 * k], rest[2 * k : 3 * k]
-    seed = rest[3 * k] if ctx.has_seed else None
-    lead = x.shape[:-1]
-    dys = [x.new_zeros(*lead, w.shape[0]) if dy is None else dy for dy, w in zip(dys, weights)]
-    weights, lora_as, lora_bs = list(weights), list(lora_as), list(lora_bs)
+    weights, lora_as, lora_bs = list(rest[:k]), list(rest[k : 2 * k]), list(rest[2 * k : 3 * k])
+    dys = [x.new_zeros(*x.shape[:-1], w.shape[0]) if dy is None else dy for dy, w in zip(dys, weights)]
+    return x, t, weights, lora_as, lora_bs, rest[3 * k :], dys
+
+
+def _backward(ctx, dys, dt):
+    k = ctx.k
+    x, t, weights, lora_as, lora_bs, extra, dys = _unpack(ctx, dys)
+    seed = extra[0] if ctx.has_seed else None
     dx, dws, dbs, dlas, dlbs = _lora_linear_backward_op(
-        list(dys), x, weights, lora_as, lora_bs, t, ctx.scales, ctx.dropout_p, seed, ctx.needs, ctx.backend
+        dys, x, weights, lora_as, lora_bs, t, ctx.scales, ctx.dropout_p, seed, ctx.needs, ctx.backend
     )
     needs = ctx.needs
 
@@ -343,10 +349,7 @@ class _EagerLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *dys):
-        k = ctx.k
-        x, t, *rest = ctx.saved_tensors
-        weights, lora_as, lora_bs = rest[:k], rest[k : 2 * k], rest[2 * k :]
-        dys = [x.new_zeros(*x.shape[:-1], w.shape[0]) if dy is None else dy for dy, w in zip(dys, weights)]
+        x, t, weights, lora_as, lora_bs, _, dys = _unpack(ctx, dys)
         needs = list(ctx.needs_input_grad[4:])
         dx, dws, dbs, dlas, dlbs = _backward_impl(
             dys, x, weights, lora_as, lora_bs, t, ctx.scales, ctx.dropout_p, ctx.seed, needs, ctx.backend
