@@ -9,6 +9,11 @@ import os
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+# The bottleneck adapter's activations, in the order of their integer codes. The one table: the Triton
+# kernels, the C++ (`Activation` in csrc/cpu/ops.h) and CUDA (csrc/cuda/launchers.h) enums and the torch
+# backends all use this index; tests/test_extension.py checks the C++ enum against it.
+ACTIVATIONS = ("tanh", "relu", "gelu", "silu", "sigmoid")
+
 try:
     import triton  # noqa: F401
 
