@@ -1,11 +1,17 @@
 """Compares two `python -m bench` results: the time ratio B/A for every benchmark both runs have.
 
     python -m bench.compare A.json B.json [--filter TEXT] [--fail-above 1.10]
+    python -m bench.compare A1.json,A2.json,A3.json B1.json,B2.json,B3.json [--fail-drop 0.05]
 
 Benchmarks are matched by (op, shape, provider). Ratios below 1 mean B is faster. Per op, the
 geometric mean of the ratios is printed too; benchmarks present in only one run are listed.
 Within-run ratios (e.g. speedup over PEFT) are compared as well, since they cancel the machine.
 --fail-above R exits with status 1 when any B/A time ratio exceeds R (a regression check).
+
+With several runs on a side (comma-separated), the within-run speedups are compared instead: the
+median over A's runs against the median over B's runs, per benchmark. Absolute times differ between
+runs on a shared machine; a within-run ratio cancels most of that. --fail-drop F exits with status 1
+when a median speedup of B is below (1 - F) times A's.
 """
 
 import argparse
@@ -58,13 +64,64 @@ def compare(
     return body, ratios, missing
 
 
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def median_speedups(runs: list[dict]) -> dict[tuple[str, str, str], list[float]]:
+    """(op, shape, provider) -> the within-run speedup over its baseline, one value per run."""
+    out: dict[tuple[str, str, str], list[float]] = {}
+    for results in runs:
+        for op, items in report.speedups(report.by_op(report.rows(results))).items():
+            for shape, provider, _, value in items:
+                out.setdefault((op, shape, provider), []).append(value)
+    return out
+
+
+def compare_runs(runs_a: list[dict], runs_b: list[dict], text_filter: str | None = None):
+    """(table rows, [(key, median B / median A)]) over the speedups both sides have."""
+    sa, sb = median_speedups(runs_a), median_speedups(runs_b)
+    body, changes = [], []
+    for key, values_a in sa.items():
+        if key not in sb or (text_filter and text_filter not in " ".join(key)):
+            continue
+        ma, mb = median(values_a), median(sb[key])
+        changes.append((key, mb / ma))
+        spread = lambda vs: "/".join(f"{v:.2f}" for v in sorted(vs))  # noqa: E731
+        cells = [f"{ma:.3f} ({spread(values_a)})", f"{mb:.3f} ({spread(sb[key])})", f"{mb / ma:.3f}"]
+        body.append([*key, *cells])
+    return body, changes
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("a", help="results JSON of run A (the reference)")
     p.add_argument("b", help="results JSON of run B")
     p.add_argument("--filter", help="only benchmarks whose op/shape/provider contains this text")
     p.add_argument("--fail-above", type=float, help="exit 1 when a B/A time ratio exceeds this")
+    p.add_argument("--fail-drop", type=float, help="several runs: exit 1 when a median speedup drops by more")
     args = p.parse_args(argv)
+    paths_a, paths_b = args.a.split(","), args.b.split(",")
+    if len(paths_a) > 1 or len(paths_b) > 1:
+        runs_a, runs_b = [report.load(x) for x in paths_a], [report.load(x) for x in paths_b]
+        for side, paths, runs in (("A", paths_a, runs_a), ("B", paths_b, runs_b)):
+            for path, results in zip(paths, runs):
+                print(f"{side}: " + describe(path, results))
+        print()
+        body, changes = compare_runs(runs_a, runs_b, args.filter)
+        header = ["op", "shape", "provider", "A median speedup (runs)", "B median speedup (runs)", "B / A"]
+        print(report.table(header, body) if body else "no speedup in common")
+        if changes:
+            key, worst = min(changes, key=lambda kv: kv[1])
+            print(f"\nworst median change: {worst:.3f} ({' / '.join(key)})")
+        if args.fail_drop is not None:
+            dropped = [k for k, c in changes if c < 1 - args.fail_drop]
+            if dropped:
+                print(f"{len(dropped)} speedup(s) dropped by more than {args.fail_drop:.0%}")
+                return 1
+        return 0
     a, b = report.load(args.a), report.load(args.b)
     print("A = " + describe(args.a, a))
     print("B = " + describe(args.b, b))

@@ -282,3 +282,18 @@ def test_partial_results_survive_a_killed_file(tmp_path, monkeypatch):
     part = read_part(json_path)
     assert [b["stats"]["median"] for b in part["benchmarks"]] == [0.5, 0.5]
     assert read_part(os.path.join(tmp_path, "missing.json")) is None
+
+
+def test_compare_several_runs_uses_median_speedups(tmp_path, capsys):
+    runs_a = [write(tmp_path, f"a{i}.json", synthetic(scale=s)) for i, s in enumerate((1.0, 3.0, 0.5))]
+    slower = synthetic()
+    for record in slower["benchmarks"]:
+        if record["extra_info"]["op"] == "lora" and record["extra_info"]["provider"] == "fastadapters-torch":
+            record["stats"]["median"] *= 1.2  # our provider 1.2x slower: its speedup over peft drops
+    runs_b = [write(tmp_path, f"b{i}.json", x) for i, x in enumerate((synthetic(scale=2.0), slower, slower))]
+    assert compare.main([",".join(runs_a), ",".join(runs_a[::-1])]) == 0
+    assert "worst median change: 1.000" in capsys.readouterr().out
+    assert compare.main([",".join(runs_a), ",".join(runs_b), "--fail-drop", "0.05"]) == 1
+    out = capsys.readouterr().out
+    assert "| lora | d1024 N2048 r8 | fastadapters-torch | 1.190 (1.19/1.19/1.19) | 0.992" in out
+    assert "speedup(s) dropped by more than 5%" in out
