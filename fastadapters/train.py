@@ -531,7 +531,11 @@ def run(args, verbose: bool = True, should_stop=None, callbacks=()) -> TrainResu
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint if resumable else None)
     seconds = time.perf_counter() - start
-    if stopper is not None and stopper.stopped_at is not None:
+    if (
+        stopper is not None
+        and stopper.stopped_at is not None
+        and stopper.stopped_at < trainer.state.max_steps
+    ):
         step = stopper.stopped_at
         saved = os.path.join(args.output_dir, f"checkpoint-{step}")
         summary = {"interrupted": True, "steps": step, "checkpoint": saved}

@@ -266,6 +266,12 @@ def test_train_resume_from_checkpoint_path_equals_uninterrupted_bottleneck(tiny,
     checkpoint = str(reference / "checkpoint-3")
     assert cli.main(_train_argv(tiny, out, "series", "--resume_from_checkpoint", checkpoint)) == 0
     _assert_bitwise_equal(_adapter(out), _adapter(reference))
+    # A finished adapter folder (no trainer state) is a warm start: its weights, then all the steps.
+    warm = tiny["root"] / "series-warm"
+    capsys.readouterr()
+    assert cli.main(_train_argv(tiny, warm, "series", "--resume-from-checkpoint", str(reference))) == 0
+    assert "an adapter without trainer state: starting from its weights at step 0" in capsys.readouterr().out
+    assert json.loads((warm / "train_summary.json").read_text())["steps"] == 5
     # A checkpoint of another adapter configuration is refused before training, naming the difference.
     argv = _train_argv(tiny, tiny["root"] / "series-other", "series", "--bottleneck-size", "4",
                        "--resume-from-checkpoint", checkpoint)  # fmt: skip
