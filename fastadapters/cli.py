@@ -1,16 +1,82 @@
 """The `fastadapters` command: `fastadapters train`, `fastadapters eval`, `fastadapters demo`.
 
-Bad input (a missing file, a malformed dataset, an unknown name, inconsistent sizes, an adapter saved
-for another base model) prints one line on stderr and exits with status 2, without a traceback.
+Bad input (a bad or out-of-range argument, a missing or unreadable file, a malformed dataset, an unknown
+name, inconsistent sizes, an unloadable base model, an adapter saved for another base model, an output
+folder that cannot be written) prints one line `fastadapters <command>: error: ...` on stderr and exits
+with status 2, without a traceback. Ctrl-C stops `train` and `eval` cleanly (a checkpoint, the predictions
+so far) and exits with status 130. Other exceptions are bugs and keep their traceback.
 """
 
 import argparse
+import contextlib
 import os
+import shlex
+import signal
 import sys
+import threading
 
 from fastadapters.data import UsageError
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+# OSErrors about the user's files and folders (their message names the path): reported like UsageError.
+FILE_ERRORS = (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `<prog>: error: <message>` (no usage block), with status 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+class StopOnInterrupt:
+    """While active, the first Ctrl-C (SIGINT) only sets `requested`, so that the work can stop at a safe
+    point; a second Ctrl-C raises KeyboardInterrupt at once. Inactive outside the main thread."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.requested = False
+        self._previous = None
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            f"\ninterrupted: stopping after the current {self.what} (Ctrl-C again to stop now)",
+            file=sys.stderr,
+        )
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+@contextlib.contextmanager
+def _hint_on_interrupt(hint: str):
+    """Prints `hint` on stderr when a KeyboardInterrupt (a second Ctrl-C) goes through, then re-raises."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(hint, file=sys.stderr)
+        raise
+
+
+def _resume_command(argv: list[str], flag: str) -> str:
+    words = ["fastadapters", *argv]
+    if not any(w == flag or w.startswith(flag + "=") or w == flag.replace("-", "_") for w in argv):
+        words.append(flag)
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -72,6 +138,24 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         choices=("auto", "float32", "float16", "bfloat16"),
         help="base weights: auto = float16 on a GPU, float32 on the CPU",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the evaluation in --output-dir: skip the items already in predictions.jsonl "
+        "(the settings must be those in its run.json)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again even if --output-dir already holds predictions (default: refuse)",
+    )
+    parser.add_argument(
+        "--no-progress",
+        "--no_progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (it is shown only when stderr is a terminal)",
+    )
     return parser
 
 
@@ -97,6 +181,8 @@ def _run_eval(args) -> int:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     settings = evaluate.EvalSettings(
         batch_size=args.batch_size,
@@ -104,32 +190,51 @@ def _run_eval(args) -> int:
         max_new_tokens=args.max_new_tokens,
         limit=args.limit,
         first_letter=args.first_letter,
+        extra={"dtype": args.dtype},
     )
-    # Check the data before loading a model, so bad input fails in a second.
     if not os.path.isdir(args.data_dir):
         raise UsageError(f"data directory not found: {args.data_dir}")
-    for name in evaluate.resolve_datasets(names, args.data_dir):
-        evaluate.load_json_dataset(evaluate.dataset_path(args.data_dir, name))
-    model, tokenizer = evaluate.load_model(args.base_model, args.adapter, dtype=dtype)
-    summary = evaluate.run(
-        args.base_model,
-        names,
-        args.data_dir,
-        adapter=args.adapter,
-        output_dir=args.output_dir,
-        settings=settings,
-        model=model,
-        tokenizer=tokenizer,
-    )
-    print(evaluate.format_table(summary))
-    print(f"wrote {os.path.join(args.output_dir, 'predictions.jsonl')} and summary.json")
+    # evaluate.run reads the data and checks the output folder before it loads the model, so bad input
+    # fails in a second; it loads the model only if items are left to generate.
+    if not args.progress or not sys.stderr.isatty():
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # its weight-loading bar, too
+    resume_hint = f"resume with: {_resume_command(args.argv, '--resume')}"
+    with StopOnInterrupt("batch") as stop, _hint_on_interrupt(resume_hint):
+        summary = evaluate.run(
+            args.base_model,
+            names,
+            args.data_dir,
+            adapter=args.adapter,
+            output_dir=args.output_dir,
+            settings=settings,
+            dtype=dtype,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=None if args.progress else False,
+            should_stop=stop,
+        )
+    if summary["datasets"]:
+        print(evaluate.format_table(summary))
+    written = f"{os.path.join(args.output_dir, evaluate.PREDICTIONS_NAME)} and {evaluate.SUMMARY_NAME}"
+    if not summary["complete"]:
+        print(f"interrupted after {summary['items_done']} of {summary['items_total']} items; wrote {written}")
+        print(resume_hint, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"wrote {written}")
     return 0
 
 
 def _run_train(args) -> int:
     from fastadapters import train
 
-    train.run(args)
+    resume_hint = f"resume with: {_resume_command(args.argv, '--resume-from-checkpoint')}"
+    with StopOnInterrupt("step") as stop, _hint_on_interrupt(resume_hint + " (from the last checkpoint)"):
+        result = train.run(args, should_stop=stop)
+    if result.summary.get("interrupted"):
+        print(resume_hint, file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -143,7 +248,7 @@ def _run_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from fastadapters import demo, train
 
-    parser = argparse.ArgumentParser(prog="fastadapters", description="Adapter fine-tuning on fused kernels.")
+    parser = ArgumentParser(prog="fastadapters", description="Adapter fine-tuning on fused kernels.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo}")
     p = sub.add_parser("train", help="fine-tune an adapter on an LLM-Adapters JSON dataset")
     train.add_arguments(p).set_defaults(func=_run_train)
@@ -154,18 +259,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fastadapters` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        print(
+            f"fastadapters {args.command}: error: unrecognized arguments: {' '.join(unknown)}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    args.argv = argv
     try:
         return args.func(args)
     except UsageError as exc:
-        print(f"fastadapters {args.command}: error: {exc}", file=sys.stderr)
+        print(f"fastadapters {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except FILE_ERRORS as exc:
+        print(f"fastadapters {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print(f"fastadapters {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

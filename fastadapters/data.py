@@ -7,6 +7,7 @@ the text is shorter than cutoff_len; with train_on_inputs=False the prompt's lab
 import json
 import os
 import random
+import tempfile
 
 from fastadapters.prompts import generate_prompt
 
@@ -32,6 +33,8 @@ def load_json_dataset(path: str) -> list[dict]:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from None
+    except OSError as exc:  # unreadable: permissions, a folder, an I/O error
+        raise DataError(f"cannot read data file {path}: {exc.strerror or exc}") from None
     if isinstance(data, dict) and isinstance(data.get("train"), list):
         data = data["train"]  # the {"train": [...]} layout of HF's json loader
     if not isinstance(data, list) or not data:
@@ -48,6 +51,31 @@ def load_json_dataset(path: str) -> list[dict]:
         if wrong:
             raise DataError(f"{path}: item {i} has non-string field(s) {wrong}; expected strings")
     return data
+
+
+def check_output_dir(path: str, option: str = "--output-dir") -> None:
+    """Raises UsageError unless `path` is, or can be created as, a writable folder. Leaves nothing behind.
+
+    An existing folder is probed by creating and deleting a file in it; a missing one by the same probe in
+    its nearest existing parent, which must be a folder.
+    """
+    target = os.path.abspath(path)
+    probe_dir = target
+    while not os.path.exists(probe_dir):
+        parent = os.path.dirname(probe_dir)
+        if parent == probe_dir:
+            break
+        probe_dir = parent
+    if not os.path.isdir(probe_dir):
+        what = "is a file" if probe_dir == target else f"lies under {probe_dir}, which is not a folder"
+        raise UsageError(f"{option} {path} {what}; expected a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fastadapters-write-check-", dir=probe_dir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        where = "" if probe_dir == target else f" (its parent {probe_dir} is not writable)"
+        raise UsageError(f"{option} {path} is not writable{where}: {exc.strerror or exc}") from None
 
 
 def train_val_split(data: list, val_set_size: int, seed: int = 42) -> tuple[list, list]:

@@ -7,18 +7,23 @@ Scoring rules (LLM_ADAPTERS.md):
   (the first A-E anywhere, even inside a word such as the "A" of "A car").
 - commonsense: the first match of the dataset's answer pattern, equal to the label.
 No answer found means wrong.
+
+Long runs lose nothing: each batch's predictions are appended to predictions.jsonl (and flushed) as soon as
+the batch is done, the settings are kept in run.json beside them, and `run(resume=True)` continues an
+interrupted run from the file (see `run`).
 """
 
 import json
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from fastadapters.data import DataError, UsageError, load_json_dataset, prepare_tokenizer
+from fastadapters.data import DataError, UsageError, check_output_dir, load_json_dataset, prepare_tokenizer
 from fastadapters.prompts import generate_prompt
 
 NUMERIC = ("gsm8k", "SVAMP", "AddSub", "MultiArith", "SingleEq", "mawps")
@@ -39,6 +44,10 @@ COMMONSENSE = tuple(COMMONSENSE_PATTERNS)
 DATASETS = MATH + COMMONSENSE
 DEFAULT_MAX_NEW_TOKENS = {"math": 256, "commonsense": 32}
 DATA_DIR_ENV = "FASTADAPTERS_DATA_DIR"
+PREDICTIONS_NAME = "predictions.jsonl"
+SUMMARY_NAME = "summary.json"
+RUN_NAME = "run.json"
+TIMING_FIELDS = ("seconds",)  # the summary's settings entries that differ between identical runs
 
 _NUMBER = re.compile(r"-?\d+\.?\d*")
 _LETTER_ANYWHERE = re.compile(r"A|B|C|D|E")
@@ -141,20 +150,20 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, num_beam
     return [r.strip() for r in tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)]
 
 
-def evaluate_dataset(model, tokenizer, dataset: str, data: list[dict], settings: EvalSettings, progress=None):
-    """Prediction records of `data`, generated in batches of settings.batch_size."""
+def iter_batches(model, tokenizer, dataset: str, data: list[dict], settings: EvalSettings, start: int = 0):
+    """Yields the prediction records of each batch of `data[start:]` (batches of settings.batch_size)."""
     max_new = settings.max_new_tokens or default_max_new_tokens(dataset)
-    records = []
-    for start in range(0, len(data), settings.batch_size):
-        batch = data[start : start + settings.batch_size]
+    for first in range(start, len(data), settings.batch_size):
+        batch = data[first : first + settings.batch_size]
         prompts = [generate_prompt(item["instruction"], item["input"]) for item in batch]
         responses = generate(model, tokenizer, prompts, max_new, settings.num_beams)
+        records = []
         for i, (item, prompt, response) in enumerate(zip(batch, prompts, responses)):
             answer = extract_answer(dataset, response, settings.first_letter)
             records.append(
                 {
                     "dataset": dataset,
-                    "index": start + i,
+                    "index": first + i,
                     "prompt": prompt,
                     "response": response,
                     "answer": answer,
@@ -162,15 +171,26 @@ def evaluate_dataset(model, tokenizer, dataset: str, data: list[dict], settings:
                     "correct": is_correct(dataset, answer, item["answer"]),
                 }
             )
+        yield records
+
+
+def evaluate_dataset(model, tokenizer, dataset: str, data: list[dict], settings: EvalSettings, progress=None):
+    """Prediction records of `data`, generated in batches of settings.batch_size."""
+    records = []
+    for batch in iter_batches(model, tokenizer, dataset, data, settings):
+        records.extend(batch)
         if progress is not None:
             progress(dataset, len(records), len(data))
     return records
 
 
 def summarize(records_by_dataset: dict[str, list[dict]]) -> dict:
-    """{dataset: {correct, total, accuracy}} plus the unweighted mean accuracy over datasets."""
+    """{dataset: {correct, total, accuracy}} plus the unweighted mean accuracy over datasets (empty ones
+    left out)."""
     per = {}
     for name, records in records_by_dataset.items():
+        if not records:
+            continue
         correct = sum(r["correct"] for r in records)
         per[name] = {
             "correct": correct,
@@ -218,11 +238,135 @@ def load_model(base_model: str, adapter: str | None = None, dtype=None, device=N
         )
         try:
             (fastadapters.load_peft if peft_only else fastadapters.load)(model, adapter)
-        except (ValueError, FileNotFoundError) as exc:
+        except (ValueError, OSError) as exc:  # OSError: a missing or unreadable file
             raise UsageError(f"cannot load adapter {adapter} onto {base_model}: {exc}") from None
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def run_settings(base_model: str, adapter, names: list[str], data_dir: str, settings: EvalSettings) -> dict:
+    """What decides the predictions of a run: kept in run.json, and a resumed run must have the same."""
+    info = {
+        "base_model": base_model,
+        "adapter": adapter,
+        "datasets": list(names),
+        "data_dir": os.path.abspath(data_dir),
+        "batch_size": settings.batch_size,
+        "num_beams": settings.num_beams,
+        "max_new_tokens": {n: settings.max_new_tokens or default_max_new_tokens(n) for n in names},
+        "limit": settings.limit,
+        "first_letter": settings.first_letter,
+        **settings.extra,
+    }
+    return json.loads(json.dumps(info))  # as it reads back from run.json
+
+
+def _item_order(names: list[str], sizes: dict[str, int]) -> list[tuple[str, int]]:
+    """(dataset, index) of every item, in the order a run writes them."""
+    return [(name, i) for name in names for i in range(sizes[name])]
+
+
+def read_predictions(path: str, names: list[str], sizes: dict[str, int], batch_size: int):
+    """(records, size in bytes) of the whole batches at the start of an interrupted run's predictions.jsonl.
+
+    A half-written last line, and the lines of a batch that was not written completely, are not counted: a
+    resumed run writes from `size` on. A line that does not belong to this run raises UsageError.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    order = _item_order(names, sizes)
+    records, kept, kept_size, offset = [], 0, 0, 0
+    for number, line in enumerate(raw.split(b"\n")[:-1], start=1):  # the part after the last newline is cut
+        offset += len(line) + 1
+        try:
+            record = json.loads(line)
+            key = (record["dataset"], record["index"])
+        except (ValueError, TypeError, KeyError):
+            raise UsageError(
+                f"{path}: line {number} is not a prediction record; use another --output-dir"
+            ) from None
+        if number > len(order) or key != order[number - 1]:
+            expected = order[number - 1] if number <= len(order) else "the end of the file"
+            raise UsageError(
+                f"{path}: line {number} holds item {key}, expected {expected}: the file was not written by "
+                "this evaluation; use another --output-dir"
+            )
+        records.append(record)
+        name, index = key
+        if (index + 1) % batch_size == 0 or index + 1 == sizes[name]:  # the last item of its batch
+            kept, kept_size = len(records), offset
+    return records[:kept], kept_size
+
+
+def _write_json(path: str, data) -> None:
+    """Writes JSON to a temporary file, then renames it over `path`, so a kill never leaves half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def check_output(output_dir: str, info: dict, names, sizes, batch_size: int, resume: bool, overwrite: bool):
+    """Checks output_dir before any model is loaded; returns (records already done, bytes to keep).
+
+    The folder must be writable. Without resume, predictions already there are refused unless overwrite.
+    With resume, run.json must hold the same settings (else UsageError naming the first that differs).
+    """
+    check_output_dir(output_dir)
+    predictions = os.path.join(output_dir, PREDICTIONS_NAME)
+    run_file = os.path.join(output_dir, RUN_NAME)
+    has_predictions = os.path.isfile(predictions) and os.path.getsize(predictions) > 0
+    if not resume:
+        if has_predictions and not overwrite:
+            raise UsageError(
+                f"{predictions} already holds predictions: pass --resume to continue that run, "
+                "--overwrite to start again, or choose another --output-dir"
+            )
+        return [], 0
+    if not os.path.isfile(run_file):
+        if has_predictions:
+            raise UsageError(f"--resume: {output_dir} holds predictions but no {RUN_NAME}; cannot check them")
+        return [], 0
+    try:
+        with open(run_file, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--resume: cannot read {run_file}: {exc}") from None
+    if not isinstance(saved, dict):
+        raise UsageError(f"--resume: {run_file} is not a JSON object")
+    for key in list(info) + [k for k in saved if k not in info]:
+        if saved.get(key) != info.get(key):
+            raise UsageError(
+                f"--resume: {key} differs from the interrupted run in {output_dir}: it was "
+                f"{saved.get(key)!r}, now {info.get(key)!r}; resume with the same settings, or choose "
+                "another --output-dir"
+            )
+    if not os.path.isfile(predictions):
+        return [], 0
+    return read_predictions(predictions, names, sizes, batch_size)
+
+
+def _open_predictions(output_dir: str, info: dict, keep: int):
+    """Creates output_dir, writes run.json, and opens predictions.jsonl cut to `keep` bytes, for appending."""
+    os.makedirs(output_dir, exist_ok=True)
+    _write_json(os.path.join(output_dir, RUN_NAME), info)
+    summary = os.path.join(output_dir, SUMMARY_NAME)
+    if os.path.isfile(summary):
+        os.remove(summary)  # stale until this run writes its own
+    f = open(os.path.join(output_dir, PREDICTIONS_NAME), "ab")
+    f.truncate(keep)
+    return f
+
+
+def _progress_bar(name: str, total: int, done: int, show: bool | None):
+    if show is None:
+        show = sys.stderr.isatty()
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc=name, unit="item", file=sys.stderr, dynamic_ncols=True)
 
 
 def run(
@@ -235,10 +379,24 @@ def run(
     model=None,
     tokenizer=None,
     log=print,
+    *,
+    dtype=None,
+    resume: bool = False,
+    overwrite: bool = True,
+    progress: bool | None = None,
+    should_stop=None,
 ) -> dict:
     """Evaluates on `datasets`; writes predictions.jsonl and summary.json to output_dir; returns the summary.
 
-    A preloaded (model, tokenizer) may be passed to skip loading base_model/adapter.
+    A preloaded (model, tokenizer) may be passed to skip loading base_model/adapter (loaded with `dtype`
+    otherwise, and only if items are left to generate). The data and output_dir are checked first. Each
+    batch's records are appended to predictions.jsonl and flushed when the batch is done; run.json holds
+    the settings. resume=True skips the items already in predictions.jsonl (run.json must match, see
+    check_output); overwrite=False refuses a folder that already holds predictions. progress: a bar per
+    dataset on stderr (None: when stderr is a terminal). should_stop() is polled after each batch: once it is
+    true, the run stops there. The summary is computed from the whole predictions file; summary["complete"]
+    says whether every item was scored (items_done of items_total). A KeyboardInterrupt writes the summary of
+    what was done, then propagates.
     """
     settings = settings or EvalSettings()
     if not os.path.isdir(data_dir):
@@ -248,37 +406,64 @@ def run(
     for name in names:
         items = load_json_dataset(dataset_path(data_dir, name))
         data[name] = items[: settings.limit] if settings.limit is not None else items
-    if model is None:
-        model, tokenizer = load_model(base_model, adapter)
-    else:
-        prepare_tokenizer(tokenizer)
-        model.eval()
-    start = time.perf_counter()
-    records = {}
-    for name in names:
-        records[name] = evaluate_dataset(model, tokenizer, name, data[name], settings)
-        acc = sum(r["correct"] for r in records[name]) / max(1, len(records[name]))
-        if log:
-            log(f"{name}: {100 * acc:.1f}% of {len(records[name])}")
-    summary = summarize(records)
-    summary["settings"] = {
-        "base_model": base_model,
-        "adapter": adapter,
-        "data_dir": os.path.abspath(data_dir),
-        "batch_size": settings.batch_size,
-        "num_beams": settings.num_beams,
-        "max_new_tokens": {n: settings.max_new_tokens or default_max_new_tokens(n) for n in names},
-        "limit": settings.limit,
-        "first_letter": settings.first_letter,
-        "seconds": round(time.perf_counter() - start, 2),
-        **settings.extra,
-    }
+    sizes = {name: len(items) for name, items in data.items()}
+    info = run_settings(base_model, adapter, names, data_dir, settings)
+    done, keep = [], 0
     if output_dir is not None:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "predictions.jsonl"), "w", encoding="utf-8") as f:
-            for name in names:
-                for r in records[name]:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        done, keep = check_output(output_dir, info, names, sizes, settings.batch_size, resume, overwrite)
+    records = {name: [r for r in done if r["dataset"] == name] for name in names}
+    total = sum(sizes.values())
+    if len(done) < total:
+        if model is None:
+            model, tokenizer = load_model(base_model, adapter, dtype=dtype)
+        else:
+            prepare_tokenizer(tokenizer)
+            model.eval()
+    out = _open_predictions(output_dir, info, keep) if output_dir is not None else None
+    start = time.perf_counter()
+    stopped = False
+    try:
+        for name in names:
+            bar = _progress_bar(name, sizes[name], len(records[name]), progress)
+            try:
+                for batch in iter_batches(model, tokenizer, name, data[name], settings, len(records[name])):
+                    if out is not None:
+                        out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in batch).encode())
+                        out.flush()
+                        os.fsync(out.fileno())
+                    records[name].extend(batch)
+                    if bar is not None:
+                        bar.update(len(batch))
+                    if should_stop is not None and should_stop():
+                        stopped = len(records[name]) < sizes[name] or name != names[-1]
+                        break
+            finally:
+                if bar is not None:
+                    bar.close()
+            if stopped:
+                break
+            acc = sum(r["correct"] for r in records[name]) / max(1, len(records[name]))
+            if log:
+                log(f"{name}: {100 * acc:.1f}% of {len(records[name])}")
+    finally:
+        if out is not None:
+            out.close()
+        summary = _finish(output_dir, names, sizes, records, info, settings, time.perf_counter() - start)
+    return summary
+
+
+def _finish(output_dir, names, sizes, records, info, settings, seconds) -> dict:
+    """The summary, from the whole predictions file when there is one; written to summary.json."""
+    if output_dir is not None:
+        records, _ = read_predictions(
+            os.path.join(output_dir, PREDICTIONS_NAME), names, sizes, settings.batch_size
+        )
+        records = {name: [r for r in records if r["dataset"] == name] for name in names}
+    summary = summarize(records)
+    done = sum(len(v) for v in records.values())
+    total = sum(sizes.values())
+    summary.update(complete=done == total, items_done=done, items_total=total)
+    summary["settings"] = {**info, "seconds": round(seconds, 2)}
+    if output_dir is not None:
+        _write_json(os.path.join(output_dir, SUMMARY_NAME), summary)
     return summary

@@ -3,13 +3,18 @@
 Same arguments and defaults as LLM-Adapters' finetune.py (batch 128, micro batch 4, 3 epochs, lr 3e-4,
 cutoff 256, 2000 validation items split with seed 42, 100 warmup steps, eval/save every 200 steps,
 train_on_inputs=True). Under torchrun or `accelerate launch` the HF Trainer runs DDP; only adapter
-parameters require grad, so DDP reduces only their gradients. Checkpoints and the result hold the
-adapter alone (fastadapters.save), never the base weights.
+parameters require grad, so DDP reduces only their gradients. The result holds the adapter alone
+(fastadapters.save), never the base weights. Checkpoints (`checkpoint-N/`) hold the adapter plus what an
+exact resume needs: the optimizer and scheduler states (of the adapter parameters only), the RNG states
+and the trainer state (step, epoch: the data order follows from the seed and the epoch).
+`--resume-from-checkpoint [PATH|latest]` continues from one; stopping early (see `run(should_stop=)`,
+which the CLI wires to Ctrl-C) saves a checkpoint first.
 """
 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -27,6 +32,7 @@ from fastadapters.config import (
 )
 from fastadapters.data import (
     UsageError,
+    check_output_dir,
     load_json_dataset,
     prepare_tokenizer,
     tokenize_example,
@@ -35,6 +41,8 @@ from fastadapters.data import (
 
 ADAPTERS = ("lora", "series", "adapterp", "parallel", "prefix", "prompt-tuning", "p-tuning")
 SUMMARY_NAME = "train_summary.json"
+TRAINER_STATE_NAME = "trainer_state.json"  # what makes a checkpoint folder resumable (HF Trainer's name)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def parse_bool(text: str) -> bool:
@@ -101,6 +109,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     _opt(g, "fsdp", default="", help="passed to TrainingArguments.fsdp, e.g. 'full_shard auto_wrap' (GPU)")
     _opt(g, "seed", type=int, default=42, help="(42)")
+    _opt(
+        g,
+        "resume_from_checkpoint",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="PATH|latest",
+        help="continue from a checkpoint-N folder (latest: the newest in --output-dir), with its optimizer, "
+        "scheduler, RNG and data position; a folder holding only an adapter starts from its weights",
+    )
     _flag(g, "progress", True, "show the progress bar (true)")
     g = parser.add_argument_group("LoRA")
     _opt(g, "lora_r", type=int, default=8, help="(8)")
@@ -169,10 +187,29 @@ def check_args(args) -> None:
         raise UsageError(
             f"--micro-batch-size ({args.micro_batch_size}) must not exceed --batch-size ({args.batch_size})"
         )
+    for name in ("num_epochs", "learning_rate", "lora_alpha", "lora_dropout", "adapter_dropout", "scaling"):
+        value = getattr(args, name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise UsageError(f"--max-steps must be >= 1, or -1 to train for --num-epochs; got {args.max_steps}")
     if args.num_epochs <= 0 and args.max_steps <= 0:
         raise UsageError(f"--num-epochs must be > 0, got {args.num_epochs}")
+    if args.learning_rate <= 0:
+        raise UsageError(f"--learning-rate must be > 0, got {args.learning_rate}")
+    if args.warmup_steps < 0:
+        raise UsageError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.val_set_size < 0:
         raise UsageError(f"--val-set-size must be >= 0, got {args.val_set_size}")
+    if args.fsdp:
+        from transformers.trainer_utils import FSDPOption
+
+        known = [o.value for o in FSDPOption]
+        unknown = [w for w in str(args.fsdp).split() if w not in known]
+        if unknown:
+            raise UsageError(f"--fsdp: unknown option(s) {unknown}; expected words from {known}")
     if args.precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("--precision fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
 
@@ -202,17 +239,57 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
+def check_base_folder(base_model: str) -> None:
+    """Raises UsageError for a local base-model folder that cannot be loaded: no config.json, a model_type
+    this transformers does not know, or weights that are only pickles (which fastadapters never loads)."""
+    from transformers import CONFIG_MAPPING, __version__
+
+    config_path = os.path.join(base_model, "config.json")
+    if not os.path.isfile(config_path):
+        raise UsageError(f"base model folder {base_model} has no config.json")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except OSError as exc:
+        raise UsageError(f"cannot read {config_path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{config_path} is not valid JSON: {exc}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise UsageError(
+            f"{config_path}: model_type {model_type!r} is not a model type transformers {__version__} knows"
+        )
+    try:
+        files = os.listdir(base_model)
+    except OSError as exc:
+        raise UsageError(f"cannot list base model folder {base_model}: {exc.strerror or exc}") from None
+    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    if pickles and not any(
+        f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files
+    ):
+        raise UsageError(
+            f"base model folder {base_model} holds its weights only as pickles ({', '.join(pickles[:3])}); "
+            "fastadapters loads safetensors only: convert them first (save_pretrained writes safetensors)"
+        )
+
+
 def load_base(base_model: str, dtype: torch.dtype):
-    """(model, tokenizer) from a local folder or a hub name; a missing folder is a UsageError."""
+    """(model, tokenizer) from a local folder or a hub name, safetensors weights only.
+
+    A missing or unloadable folder (see check_base_folder) or a hub name that does not load is a UsageError.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not os.path.isdir(base_model) and _looks_like_path(base_model):
+    if os.path.isdir(base_model):
+        check_base_folder(base_model)
+    elif _looks_like_path(base_model):
         raise UsageError(f"base model folder not found: {base_model}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model)
-        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
-    except OSError as exc:
-        raise UsageError(f"cannot load base model {base_model!r}: {exc}") from None
+        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot load base model {base_model!r}: {first}") from None
     return model, prepare_tokenizer(tokenizer)
 
 
@@ -242,7 +319,82 @@ def _trainer_class():
             state = io.read_weights(os.path.join(path, io.WEIGHTS_NAME))
             io.load_adapter_state(self.model, {k: v.to(self.args.device) for k, v in state.items()}, path)
 
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # run() loaded the checkpoint's adapter into the unwrapped model before the Trainer was built
+            # (load_checkpoint_adapter); the Trainer restores the optimizer, scheduler, RNG and step itself.
+            if not os.path.isfile(os.path.join(resume_from_checkpoint, io.WEIGHTS_NAME)):
+                raise UsageError(f"{resume_from_checkpoint} holds no {io.WEIGHTS_NAME}")
+
     return AdapterTrainer
+
+
+def _stop_callback(should_stop):
+    """A TrainerCallback that, once should_stop() is true (on any process), saves a checkpoint and stops."""
+    from transformers import TrainerCallback
+
+    class StopCallback(TrainerCallback):
+        stopped_at = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stop = bool(should_stop())
+            if world_size() > 1 and torch.distributed.is_initialized():
+                # Every process must stop at the same step, or the others would wait in a collective forever.
+                flag = torch.tensor([float(stop)], device=args.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                stop = bool(flag.item())
+            if stop:
+                self.stopped_at = state.global_step
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return StopCallback()
+
+
+def find_checkpoint(resume_from_checkpoint: str, output_dir: str) -> str:
+    """The checkpoint folder to resume from: PATH itself, or for 'latest' the newest checkpoint-N folder in
+    output_dir. Raises UsageError when there is none, or when the folder holds no fastadapters adapter."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from fastadapters import io
+
+    if resume_from_checkpoint == "latest":
+        path = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if path is None:
+            raise UsageError(f"--resume-from-checkpoint latest: no checkpoint-N folder in {output_dir}")
+        return path
+    if not os.path.isdir(resume_from_checkpoint):
+        raise UsageError(f"--resume-from-checkpoint: folder not found: {resume_from_checkpoint}")
+    for name in (io.CONFIG_NAME, io.WEIGHTS_NAME):
+        if not os.path.isfile(os.path.join(resume_from_checkpoint, name)):
+            raise UsageError(
+                f"--resume-from-checkpoint: {resume_from_checkpoint} holds no {name}; expected a "
+                "checkpoint-N folder written by fastadapters train, or a fastadapters adapter folder"
+            )
+    return resume_from_checkpoint
+
+
+def load_checkpoint_adapter(model, config, path: str) -> None:
+    """Copies the adapter weights of checkpoint `path` into `model` (patched with `config`).
+
+    Raises UsageError when the checkpoint's adapter config or base model differs from this run's.
+    """
+    from fastadapters import io
+
+    try:
+        saved, state, base = io.read_adapter(path)
+        io.check_base(model, base, path)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"cannot resume from {path}: {exc}") from None
+    ours, theirs = config_to_dict(config), config_to_dict(saved)
+    differ = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+    if differ:
+        detail = ", ".join(f"{k}: checkpoint {theirs.get(k)!r}, now {ours.get(k)!r}" for k in differ)
+        raise UsageError(f"cannot resume from {path}: its adapter settings differ ({detail})")
+    try:
+        io.load_adapter_state(model, state, path)
+    except ValueError as exc:
+        raise UsageError(f"cannot resume from {path}: {exc}") from None
 
 
 @dataclass
@@ -287,7 +439,9 @@ def _training_arguments(args, precision: str, accumulation: int, has_val: bool):
         disable_tqdm=not args.progress,
         seed=args.seed,
         dataloader_num_workers=0,
-        save_only_model=True,
+        # Checkpoints keep the optimizer, scheduler and RNG states for an exact resume. The model part of a
+        # checkpoint is AdapterTrainer._save's adapter, and the optimizer holds adapter parameters only.
+        save_only_model=False,
     )
     # transformers renamed gradient_checkpointing to activation_checkpointing (5.2x); use what this one has.
     ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
@@ -304,10 +458,13 @@ def _training_arguments(args, precision: str, accumulation: int, has_val: bool):
     return TrainingArguments(**kwargs)
 
 
-def run(args, verbose: bool = True) -> TrainResult:
+def run(args, verbose: bool = True, should_stop=None, callbacks=()) -> TrainResult:
     """Fine-tunes args.adapter on args.data_path; rank 0 writes the adapter and train_summary.json.
 
-    verbose=False prints nothing (no parameter line, no loss logs, no final line).
+    verbose=False prints nothing (no parameter line, no loss logs, no final line). `should_stop`, a callable
+    polled after every optimizer step, ends the run early once it returns True: a checkpoint of that step is
+    saved (resume it with args.resume_from_checkpoint), no final adapter is written, and the result's
+    summary is {"interrupted": True, "steps", "checkpoint"}. `callbacks` are extra HF TrainerCallbacks.
     """
     import transformers
 
@@ -317,6 +474,9 @@ def run(args, verbose: bool = True) -> TrainResult:
     config = adapter_config(args)
     data = load_json_dataset(args.data_path)
     train_items, val_items = train_val_split(data, args.val_set_size, seed=42)
+    check_output_dir(args.output_dir)
+    resume = getattr(args, "resume_from_checkpoint", None)
+    checkpoint = find_checkpoint(resume, args.output_dir) if resume else None
     precision = resolve_precision(args.precision)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     transformers.set_seed(args.seed)
@@ -331,6 +491,9 @@ def run(args, verbose: bool = True) -> TrainResult:
             p.data = p.data.float()
     model.config.use_cache = False
     trainable, total = fastadapters.trainable_parameters(model)
+    resumable = checkpoint is not None and os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME))
+    if checkpoint is not None:
+        load_checkpoint_adapter(model, config, checkpoint)
 
     train_set = [tokenize_example(tokenizer, x, args.cutoff_len, args.train_on_inputs) for x in train_items]
     val_set = [tokenize_example(tokenizer, x, args.cutoff_len, args.train_on_inputs) for x in val_items]
@@ -340,12 +503,14 @@ def run(args, verbose: bool = True) -> TrainResult:
     collator = transformers.DataCollatorForSeq2Seq(
         tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True
     )
+    stopper = _stop_callback(should_stop) if should_stop is not None else None
     trainer = _trainer_class()(
         model=model,
         args=training_args,
         train_dataset=train_set,
         eval_dataset=val_set or None,
         data_collator=collator,
+        callbacks=[*callbacks, *([stopper] if stopper else [])],
     )
     main_process = trainer.is_world_process_zero()
     if not verbose:
@@ -358,9 +523,25 @@ def run(args, verbose: bool = True) -> TrainResult:
             f"trainable params: {trainable:,} || all params: {total:,} "
             f"|| trainable%: {100 * trainable / total:.4f}"
         )
+    if checkpoint is not None and main_process and verbose:
+        if resumable:
+            print(f"resuming from {checkpoint}")
+        else:
+            print(f"{checkpoint} is an adapter without trainer state: starting from its weights at step 0")
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=checkpoint if resumable else None)
     seconds = time.perf_counter() - start
+    if (
+        stopper is not None
+        and stopper.stopped_at is not None
+        and stopper.stopped_at < trainer.state.max_steps
+    ):
+        step = stopper.stopped_at
+        saved = os.path.join(args.output_dir, f"checkpoint-{step}")
+        summary = {"interrupted": True, "steps": step, "checkpoint": saved}
+        if main_process and verbose:
+            print(f"stopped at step {step}; checkpoint saved to {saved}")
+        return TrainResult(model, tokenizer, trainer, summary)
     eval_loss = trainer.evaluate()["eval_loss"] if val_set else None
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     summary = {

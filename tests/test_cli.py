@@ -1,7 +1,12 @@
 """The `fastadapters` CLI: an end-to-end train + eval on the real LLM-Adapters files, and bad input."""
 
+import builtins
+import contextlib
+import errno
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +200,173 @@ def test_console_script_exit_code(synthetic, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert "fastadapters train: error: data file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# A line that another library's warning may add to stderr (the warning, or the source line it quotes).
+_WARNING_LINE = re.compile(r"Warning\b|^\s")
+_ERROR_LINE = re.compile(r"^fastadapters (train|eval): error: \S")
+
+
+def _cli_error(argv, capsys) -> tuple[int, list[str], str]:
+    """(exit status, stderr lines other than warnings, whole stderr) of `fastadapters argv`."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse exits by itself
+        code = exc.code
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.strip() and not _WARNING_LINE.search(line)], err
+
+
+@contextlib.contextmanager
+def _unreadable(path: Path, monkeypatch):
+    """`path` cannot be opened: chmod 000, and where that does not stop this user (root), open() refuses."""
+    mode = path.stat().st_mode
+    path.chmod(0)
+    try:
+        with monkeypatch.context() as m:
+            if os.access(path, os.R_OK):
+                real_open = builtins.open
+
+                def refusing_open(file, *args, **kwargs):
+                    if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) == str(path):
+                        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+                    return real_open(file, *args, **kwargs)
+
+                m.setattr(builtins, "open", refusing_open)
+            yield
+    finally:
+        path.chmod(mode)
+
+
+@pytest.fixture(scope="module")
+def broken_bases(synthetic, tmp_path_factory):
+    """Base-model folders that cannot be loaded: no config.json, an unknown model_type, pickle weights."""
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("broken")
+    folders = {}
+    for name in ("no_config", "unknown_type", "pickle_only"):
+        folders[name] = root / name
+        shutil.copytree(synthetic["base"], folders[name])
+    (folders["no_config"] / "config.json").unlink()
+    config = json.loads((folders["unknown_type"] / "config.json").read_text())
+    (folders["unknown_type"] / "config.json").write_text(json.dumps({**config, "model_type": "llamax"}))
+    weights = folders["pickle_only"] / "model.safetensors"
+    torch.save(load_file(str(weights)), folders["pickle_only"] / "pytorch_model.bin")  # never loaded back
+    weights.unlink()
+    return folders
+
+
+def test_every_bad_input_is_one_line_and_status_2(synthetic, broken_bases, tmp_path, monkeypatch, capsys):
+    """Issue 17 item 5: every case, through `fastadapters train` and `fastadapters eval`: status 2, one line
+    `fastadapters <command>: error: ...` on stderr (warnings of other libraries aside), no traceback."""
+    data_dir = tmp_path / "d"
+    (data_dir / "gsm8k").mkdir(parents=True)
+    (data_dir / "gsm8k" / "test.json").write_text(json.dumps(arithmetic_dataset(3, seed=4)))
+    train_data = tmp_path / "train.json"
+    shutil.copy(synthetic["data"], train_data)
+    adapter = tmp_path / "adapter"
+    model = build_model(320, hidden=32, layers=2)
+    fastadapters.apply(model, fastadapters.LoraConfig(target_modules=["q_proj"]))
+    fastadapters.save(model, str(adapter))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    evals = [
+        "eval",
+        "--base-model",
+        synthetic["base"],
+        "--dataset",
+        "gsm8k",
+        "--data-dir",
+        str(data_dir),
+        "--output-dir",
+        str(tmp_path / "e"),
+        "--num-beams",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--dtype",
+        "float32",
+    ]
+    train = _train_argv(synthetic, tmp_path, "--data-path", str(train_data))
+    bad = {name: ["--base-model", str(folder)] for name, folder in broken_bases.items()}
+    cases = [  # (argv, what the message says, a file made unreadable or None)
+        (train + ["--seed", "-1"], "--seed must be in [0, 2**32), got -1", None),
+        (train + ["--warmup-steps", "-5"], "--warmup-steps must be >= 0, got -5", None),
+        (train + ["--learning-rate", "nan"], "--learning-rate must be a finite number, got nan", None),
+        (train + ["--learning-rate", "-1"], "--learning-rate must be > 0, got -1.0", None),
+        (train + ["--num-epochs", "nan"], "--num-epochs must be a finite number, got nan", None),
+        (train + ["--fsdp", "garbage"], "--fsdp: unknown option(s) ['garbage']", None),
+        (train + ["--max-steps", "0"], "--max-steps must be >= 1, or -1 to train for --num-epochs", None),
+        (train + ["--batch-size", "abc"], "argument --batch-size/--batch_size: invalid int value", None),
+        (train + ["--learning-rate", "fast"], "invalid float value: 'fast'", None),
+        (train + ["--lora-r"], "argument --lora-r/--lora_r: expected one argument", None),
+        (train + bad["no_config"], "has no config.json", None),
+        (train + bad["unknown_type"], "model_type 'llamax' is not a model type", None),
+        (train + bad["pickle_only"], "holds its weights only as pickles (pytorch_model.bin)", None),
+        (train, f"cannot read data file {train_data}: Permission denied", train_data),
+        (train + ["--output-dir", str(a_file)], f"--output-dir {a_file} is a file; expected a folder", None),
+        (evals + bad["no_config"], "has no config.json", None),
+        (evals + bad["unknown_type"], "model_type 'llamax' is not a model type", None),
+        (evals + bad["pickle_only"], "holds its weights only as pickles", None),
+        (evals, "test.json: Permission denied", data_dir / "gsm8k" / "test.json"),
+        (evals + ["--adapter", str(adapter)], "Permission denied", adapter / "fastadapters_config.json"),
+        (evals + ["--output-dir", str(a_file)], f"--output-dir {a_file} is a file; expected a folder", None),
+        (evals + ["--num-beams", "x"], "argument --num-beams/--num_beams: invalid int value: 'x'", None),
+        (evals + ["--bogus"], "unrecognized arguments: --bogus", None),
+    ]
+    for argv, message, unreadable in cases:
+        with _unreadable(unreadable, monkeypatch) if unreadable else contextlib.nullcontext():
+            code, lines, err = _cli_error(argv, capsys)
+        assert code == 2, (argv[-2:], err)
+        assert len(lines) == 1 and _ERROR_LINE.match(lines[0]), (argv[-2:], err)
+        assert message in lines[0] and lines[0].startswith(f"fastadapters {argv[0]}: "), (message, err)
+        assert "Traceback" not in err and "usage:" not in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+@pytest.mark.parametrize("how", ["a file", "under a file", "read-only"])
+def test_unwritable_output_dir_fails_before_the_model_loads(
+    command, how, synthetic, tmp_path, monkeypatch, capsys
+):
+    from fastadapters import data, train
+
+    def no_model(*args, **kwargs):
+        pytest.fail("a model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(train, "load_base", no_model)
+    monkeypatch.setattr(evaluate, "load_model", no_model)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    if how == "a file":
+        out = a_file
+    elif how == "under a file":
+        out = a_file / "out"
+    else:
+        out = tmp_path / "read_only"
+        out.mkdir()
+        out.chmod(0o500)
+        if os.access(
+            out, os.W_OK
+        ):  # root writes anywhere: the probe file's creation fails as it would for others
+            mkstemp = data.tempfile.mkstemp
+
+            def refusing_mkstemp(*args, dir=None, **kwargs):
+                if dir is not None and os.path.abspath(dir) == str(out):
+                    raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, "probe"))
+                return mkstemp(*args, dir=dir, **kwargs)
+
+            monkeypatch.setattr(data.tempfile, "mkstemp", refusing_mkstemp)
+    data_dir = tmp_path / "d"
+    (data_dir / "gsm8k").mkdir(parents=True)
+    (data_dir / "gsm8k" / "test.json").write_text(json.dumps(arithmetic_dataset(3, seed=4)))
+    if command == "train":
+        argv = _train_argv(synthetic, tmp_path, "--output-dir", str(out))
+    else:
+        argv = ["eval", "--base-model", synthetic["base"], "--dataset", "gsm8k", "--data-dir", str(data_dir),
+                "--output-dir", str(out)]  # fmt: skip
+    code, lines, err = _cli_error(argv, capsys)
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"fastadapters {command}: error: --output-dir {out} "), err
+    assert ("not writable" if how == "read-only" else "folder") in lines[0], err
