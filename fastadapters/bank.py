@@ -14,7 +14,7 @@ copied), with `BankLinear`, and routes attention through the prefix-attention op
 loaded. Per layer it keeps every adapter stacked: LoRA along the rank (fastadapters.ops.multi_lora_linear's
 layout, no padding to the largest rank; linear layers that read one input, q/k/v and gate/up, form one unit
 whose shrink reads x once), bottleneck adapters along the bottleneck (multi_bottleneck_adapter), prefixes
-as [A, Hkv, P, D] (prefix_attention's prefix_ids). A request (forward or generate) sorts its rows by
+as [A, Hkv, P, D] (prefix_attention's per-row adapter ids). A request (forward or generate) sorts its rows by
 adapter and builds one AdapterSchedule per input shape (one for the prefill, one shared by every decode
 step); each wrapped layer then runs one op per adapter kind for the whole batch. Outside a request the
 wrapped model computes the base model.
@@ -44,9 +44,9 @@ from fastadapters.families import (
     attention_paths,
     base_weight,
     bottleneck_placement,
+    lora_targets,
     model_type,
     shared_input_groups,
-    unwrap,
 )
 from fastadapters.kernels import ACTIVATIONS
 from fastadapters.ops.multi_lora import (
@@ -267,7 +267,7 @@ def _bottleneck(bank: _BottleneckBank, h: Tensor, req: _Request, residual: Tenso
 
 def bank_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention function of a bank's model (registered as "fastadapters_bank"): each row attends to
-    its own adapter's prefix (prefix_attention's prefix_ids), or to none. Same contract as
+    its own adapter's prefix (prefix_attention's per-row adapter ids), or to none. Same contract as
     fastadapters.prefix.prefix_attention_forward; returns ([B, S, Hq, D], None)."""
     if dropout and module.training:
         raise NotImplementedError(f"attention dropout {dropout} is not supported by AdapterBank")
@@ -394,7 +394,8 @@ class AdapterBank:
     def add(self, name: str, state: dict, config, source: str = "state") -> None:
         """Adds an adapter from memory: `state` is its state dict as fastadapters.save writes it (keys are
         module paths + '.lora_A.weight', '.adapter_down.weight', '.fastadapters_prefix.key', …) and
-        `config` its LoraConfig, BottleneckConfig or PrefixConfig."""
+        `config` its LoraConfig, BottleneckConfig or PrefixConfig. The state must hold exactly the tensors
+        that applying `config` to the model would create (fastadapters.patch.check_state, as io.load)."""
         if not isinstance(name, str) or not name:
             raise TypeError(f"adapter name must be a non-empty str, got {name!r}")
         if not isinstance(config, SUPPORTED):
@@ -440,14 +441,9 @@ class AdapterBank:
         check_state(self.model, config, state, where)
         if isinstance(config, LoraConfig):
             lora = {}
-            for path in sorted(
-                k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")
-            ):
-                cast = _cast_to(unwrap(self.model.get_submodule(path)))
-                lora[path] = (
-                    state[f"{path}.lora_A.weight"].to(**cast),
-                    state[f"{path}.lora_B.weight"].to(**cast),
-                )
+            for path, module in sorted(lora_targets(self.model, config).items()):
+                a, b = state[f"{path}.lora_A.weight"], state[f"{path}.lora_B.weight"]
+                lora[path] = (a.to(**_cast_to(module)), b.to(**_cast_to(module)))
             return _Adapter(name, config, lora=lora)
         if isinstance(config, BottleneckConfig):
             bottleneck = {}

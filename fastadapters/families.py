@@ -39,7 +39,7 @@ SHARED_INPUT_GROUPS = {
 # the same rule: the MLP's input projections are "mh", its output projection "output". Keys match a
 # module's name or a dotted suffix of it (GPT-2's attention has a c_proj too, hence "mlp.c_proj").
 PLACEMENTS = ("mh", "output", "parallel")
-BOTTLENECK_KINDS = {
+BOTTLENECK_PLACEMENTS = {
     **dict.fromkeys(_LLAMA_LIKE, {"gate_proj": "mh", "up_proj": "mh", "down_proj": "output"}),
     "bloom": {"dense_h_to_4h": "mh", "dense_4h_to_h": "output"},
     "gpt_neox": {"dense_h_to_4h": "mh", "dense_4h_to_h": "output"},
@@ -47,12 +47,14 @@ BOTTLENECK_KINDS = {
     "opt": {"fc1": "mh", "fc2": "output"},
     "gpt2": {"mlp.c_fc": "mh", "mlp.c_proj": "output"},
 }
+BOTTLENECK_KINDS = BOTTLENECK_PLACEMENTS  # the former name
 # Default targets (LLM-Adapters peft/src/peft/mapping.py): AdapterH takes every module of the placement
 # table, AdapterP the output placement, the parallel adapter the attention projections. (The paper's best
 # parallel runs pass target_modules=["up_proj", "down_proj"] explicitly.)
-ADAPTERH_TARGETS = {family: tuple(kinds) for family, kinds in BOTTLENECK_KINDS.items()}
+ADAPTERH_TARGETS = {family: tuple(table) for family, table in BOTTLENECK_PLACEMENTS.items()}
 ADAPTERP_TARGETS = {
-    family: tuple(k for k, v in kinds.items() if v == "output") for family, kinds in BOTTLENECK_KINDS.items()
+    family: tuple(k for k, v in table.items() if v == "output")
+    for family, table in BOTTLENECK_PLACEMENTS.items()
 }
 PARALLEL_TARGETS = {**dict.fromkeys((*_LLAMA_LIKE, "opt", "gptj"), _QKV), **_FUSED_QKV}
 
@@ -191,20 +193,20 @@ def bottleneck_placement(model: nn.Module, config) -> dict[str, tuple[nn.Module,
     table, what = (ADAPTERP_TARGETS, "AdapterP") if config.use_adapterp else (ADAPTERH_TARGETS, "AdapterH")
     targets = resolve_targets(model, config.target_modules, table, what)
     family = model_type(model)
-    kinds = BOTTLENECK_KINDS.get(family)
-    if kinds is None:
+    table = BOTTLENECK_PLACEMENTS.get(family)
+    if table is None:
         raise ValueError(
             f"model_type {family!r} has no bottleneck placement table (known families: "
-            f"{sorted(BOTTLENECK_KINDS)}); series adapters need it to tell mh (input) targets from output "
-            "targets. use_parallel_adapter=True works on any linear layer"
+            f"{sorted(BOTTLENECK_PLACEMENTS)}); series adapters need it to tell mh (input) targets from "
+            "output targets. use_parallel_adapter=True works on any linear layer"
         )
     placement = {}
     for name, module in find_targets(model, targets).items():
-        hits = {kind for key, kind in kinds.items() if matches(name, key)}
+        hits = {where for key, where in table.items() if matches(name, key)}
         if len(hits) != 1:
             raise ValueError(
                 f"target module {name!r} is neither of the mh nor of the output kind in the {family} "
-                f"placement table {kinds}; series adapters go on those modules "
+                f"placement table {table}; series adapters go on those modules "
                 "(or set use_parallel_adapter=True)"
             )
         placement[name] = (module, hits.pop())

@@ -15,6 +15,7 @@ from fastadapters.families import (  # noqa: F401  (the tables stay importable f
     ADAPTERH_TARGETS,
     ADAPTERP_TARGETS,
     BOTTLENECK_KINDS,
+    BOTTLENECK_PLACEMENTS,
     LINEAR_TYPES,
     LORA_TARGETS,
     PARALLEL_TARGETS,
