@@ -14,7 +14,7 @@ copied), with `BankLinear`, and routes attention through the prefix-attention op
 loaded. Per layer it keeps every adapter stacked: LoRA along the rank (fastadapters.ops.multi_lora_linear's
 layout, no padding to the largest rank; linear layers that read one input, q/k/v and gate/up, form one unit
 whose shrink reads x once), bottleneck adapters along the bottleneck (multi_bottleneck_adapter), prefixes
-as [A, Hkv, P, D] (prefix_attention's prefix_ids). A request (forward or generate) sorts its rows by
+as [A, Hkv, P, D] (prefix_attention's per-row adapter ids). A request (forward or generate) sorts its rows by
 adapter and builds one AdapterSchedule per input shape (one for the prefill, one shared by every decode
 step); each wrapped layer then runs one op per adapter kind for the whole batch. Outside a request the
 wrapped model computes the base model.
@@ -35,21 +35,38 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from fastadapters import ops
+from fastadapters import io, ops
 from fastadapters.config import BottleneckConfig, LoraConfig, PrefixConfig
+from fastadapters.families import (
+    LINEAR_TYPES,
+    PLACEMENTS,
+    PREFIX_ATTENTION,
+    attention_paths,
+    base_weight,
+    bottleneck_placement,
+    lora_targets,
+    model_type,
+    shared_input_groups,
+)
+from fastadapters.kernels import ACTIVATIONS
 from fastadapters.ops.multi_lora import (
     AdapterSchedule,
     adapter_schedule,
     run_bottleneck_unchecked,
     run_unchecked,
 )
+from fastadapters.patch import check_state, set_submodule
+from fastadapters.prefix import ENCODER_ATTR, PREFIX_ATTR, build_prefix, register_attention
 
-LINEAR_TYPES = (nn.Linear, Conv1D)
 ATTENTION_NAME = "fastadapters_bank"
 BANK_ATTR = "_fastadapters_bank"
 SUPPORTED = (LoraConfig, BottleneckConfig, PrefixConfig)
-# Where a bottleneck adapter sits on a linear layer: on its input (series "mh"), beside it, on its output.
-POSITIONS = ("mh", "parallel", "output")
+
+
+def _cast_to(like) -> dict:
+    """device= and dtype= of a tensor, or of a linear layer's weight."""
+    w = like if isinstance(like, Tensor) else like.weight
+    return dict(device=w.device, dtype=w.dtype)
 
 
 # --------------------------------------------------------------------------------------------- snapshot
@@ -59,7 +76,7 @@ POSITIONS = ("mh", "parallel", "output")
 class _Adapter:
     """One adapter as loaded, its tensors already in the model's dtype and device.
 
-    lora: module path -> (A [r, d_in], B [d_out, r]); bottleneck: module path -> (position, down [b, a_in],
+    lora: module path -> (A [r, d_in], B [d_out, r]); bottleneck: module path -> (placement, down [b, a_in],
     up [a_out, b], scale, activation code); prefix: attention module path -> (key, value) [Hkv, P, D].
     """
 
@@ -83,23 +100,23 @@ class _LoraUnit:
 
 @dataclass(frozen=True)
 class _BottleneckBank:
-    """The bottleneck adapters at one position of one module (multi_bottleneck_adapter's layout)."""
+    """The bottleneck adapters at one placement on one module (multi_bottleneck_adapter's layout)."""
 
     bank_down: Tensor
     bank_up: Tensor
     sizes: list
     scales: list
-    activations: list  # codes into fastadapters.ops.bottleneck.ACTIVATIONS
+    activations: list  # codes into fastadapters.kernels.ACTIVATIONS
     users: frozenset  # adapter indices with a non-empty bottleneck here
 
 
 @dataclass(frozen=True)
-class _PrefixGroup:
-    """The prefixes of one length P at one attention module: key/value [A_g, Hkv, P, D]."""
+class _PrefixStack:
+    """The prefixes of one length P at one attention module: key/value [A_P, Hkv, P, D]."""
 
     key: Tensor
     value: Tensor
-    slots: dict  # adapter index -> row of key/value
+    rows: dict  # adapter index -> its row of key/value
 
 
 @dataclass(frozen=True)
@@ -109,8 +126,8 @@ class _State:
     names: tuple = ()
     adapters: dict = field(default_factory=dict)  # name -> _Adapter
     units: dict = field(default_factory=dict)  # module path -> (_LoraUnit, member index)
-    bottlenecks: dict = field(default_factory=dict)  # module path -> {position: _BottleneckBank}
-    prefixes: dict = field(default_factory=dict)  # attention module path -> tuple of _PrefixGroup
+    bottlenecks: dict = field(default_factory=dict)  # module path -> {placement: _BottleneckBank}
+    prefixes: dict = field(default_factory=dict)  # attention module path -> tuple of _PrefixStack
 
     @property
     def index(self) -> dict:
@@ -120,20 +137,20 @@ class _State:
 class _Request:
     """One forward/generate call: its snapshot, its rows' adapters and what is derived from them."""
 
-    def __init__(self, state: _State, row_ids: Tensor):
+    def __init__(self, state: _State, adapter_ids: Tensor):
         self.state = state
-        self.row_ids = row_ids
-        self.present = frozenset(int(a) for a in row_ids.tolist() if a >= 0)
+        self.adapter_ids = adapter_ids  # [batch] int64: each row's adapter index into state.names, −1: none
+        self.present = frozenset(int(a) for a in adapter_ids.tolist() if a >= 0)
         self.schedules: dict = {}
-        self.slots: dict = {}
+        self.stack_ids: dict = {}
         self.pending: dict = {}
 
     def expanded(self, rows: int, device) -> Tensor:
-        batch = self.row_ids.shape[0]
+        batch = self.adapter_ids.shape[0]
         if rows % batch:
             raise RuntimeError(f"AdapterBank: a layer saw {rows} rows, the request has {batch} adapter names")
         # generate() repeats each row for beams / return sequences (repeat_interleave): so do the ids.
-        return self.row_ids.repeat_interleave(rows // batch).to(device)
+        return self.adapter_ids.repeat_interleave(rows // batch).to(device)
 
     def schedule(self, x: Tensor) -> AdapterSchedule:
         rows = x.shape[0]
@@ -145,18 +162,21 @@ class _Request:
             sched = self.schedules[key] = adapter_schedule(ids, len(self.state.names))
         return sched
 
-    def prefix_slots(self, group: _PrefixGroup, rows: int, device) -> Tensor | None:
-        """[rows] int64: each row's slot in the group's prefixes (−1: none), or None when no row has one."""
-        key = (id(group), rows, device)
-        if key not in self.slots:
-            if not self.present & group.slots.keys():
-                self.slots[key] = None
+    def prefix_adapter_ids(self, stack: _PrefixStack, rows: int, device) -> Tensor | None:
+        """[rows] int64: each row's prefix in the stack (prefix_attention's adapter ids, −1: none), or None
+        when no row has one."""
+        key = (id(stack), rows, device)
+        if key not in self.stack_ids:
+            if not self.present & stack.rows.keys():
+                self.stack_ids[key] = None
             else:
                 table = torch.full((len(self.state.names) + 1,), -1, dtype=torch.int64)
-                for a, slot in group.slots.items():
-                    table[a] = slot
-                self.slots[key] = table[self.expanded(rows, "cpu")].to(device)  # id −1 reads the last entry
-        return self.slots[key]
+                for a, row in stack.rows.items():
+                    table[a] = row
+                self.stack_ids[key] = table[self.expanded(rows, "cpu")].to(
+                    device
+                )  # id −1 reads the last entry
+        return self.stack_ids[key]
 
 
 def _version(x: Tensor):
@@ -184,8 +204,7 @@ class BankLinear(nn.Module):
 
     def base_weight(self) -> Tensor:
         """The frozen weight as [d_out, d_in] (a transposed view for Conv1D)."""
-        w = self.base_layer.weight
-        return w.T if self.fan_in_fan_out else w
+        return base_weight(self.base_layer)
 
     def forward(self, x: Tensor) -> Tensor:
         req = self._bank._request()
@@ -193,7 +212,7 @@ class BankLinear(nn.Module):
             return self.base_layer(x)
         unit = req.state.units.get(self.name)
         banks = req.state.bottlenecks.get(self.name, {})
-        banks = {pos: b for pos, b in banks.items() if b.users & req.present}
+        banks = {placement: b for placement, b in banks.items() if b.users & req.present}
         if unit is None and not banks:
             return self.base_layer(x)
         h = x
@@ -248,7 +267,7 @@ def _bottleneck(bank: _BottleneckBank, h: Tensor, req: _Request, residual: Tenso
 
 def bank_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention function of a bank's model (registered as "fastadapters_bank"): each row attends to
-    its own adapter's prefix (prefix_attention's prefix_ids), or to none. Same contract as
+    its own adapter's prefix (prefix_attention's per-row adapter ids), or to none. Same contract as
     fastadapters.prefix.prefix_attention_forward; returns ([B, S, Hq, D], None)."""
     if dropout and module.training:
         raise NotImplementedError(f"attention dropout {dropout} is not supported by AdapterBank")
@@ -258,54 +277,50 @@ def bank_attention_forward(module, query, key, value, attention_mask, scaling=No
         causal = False  # transformers' 4-D masks carry the causal pattern themselves
     hook = module.__dict__.get(BANK_ATTR)
     req = None if hook is None else hook[0]._request()
-    groups = () if req is None else req.state.prefixes.get(hook[1], ())
+    stacks = () if req is None else req.state.prefixes.get(hook[1], ())
     rows, dev = query.shape[0], query.device
-    used = [(g, s) for g in groups if (s := req.prefix_slots(g, rows, dev)) is not None]
+    used = [(st, ids) for st in stacks if (ids := req.prefix_adapter_ids(st, rows, dev)) is not None]
 
-    def attend(q, k, v, mask, prefix_k, prefix_v, slots):
+    def attend(q, k, v, mask, prefix_k, prefix_v, adapter_ids):
         return ops.prefix_attention(
-            q, k, v, prefix_k, prefix_v, attention_mask=mask, causal=causal, scale=scaling, prefix_ids=slots
-        )
+            q, k, v, prefix_k, prefix_v, attention_mask=mask, causal=causal, scale=scaling,
+            prefix_ids=adapter_ids,
+        )  # fmt: skip
 
     if len(used) <= 1:
         if used:
-            group, slots = used[0]
-            prefix_k, prefix_v = group.key.to(query.dtype), group.value.to(query.dtype)
+            stack, adapter_ids = used[0]
+            prefix_k, prefix_v = stack.key.to(query.dtype), stack.value.to(query.dtype)
         else:
             # No row has a prefix: the op with one dummy prefix that no row selects is plain attention.
             Hkv, D = key.shape[1], key.shape[3]
             prefix_k = prefix_v = query.new_zeros(1, Hkv, 1, D)
-            slots = torch.full((rows,), -1, dtype=torch.int64, device=dev)
-        out = attend(query, key, value, attention_mask, prefix_k, prefix_v, slots)
+            adapter_ids = torch.full((rows,), -1, dtype=torch.int64, device=dev)
+        out = attend(query, key, value, attention_mask, prefix_k, prefix_v, adapter_ids)
         return out.transpose(1, 2), None
     # Prefixes of different lengths in one batch: one call per length, on its rows.
     out = torch.empty_like(query)
     rest = torch.ones(rows, dtype=torch.bool, device=dev)
-    calls = [(g.key, g.value, s, s >= 0) for g, s in used]
+    calls = [(st.key, st.value, ids, ids >= 0) for st, ids in used]
     for *_, pick in calls:
         rest &= ~pick
     Hkv, D = key.shape[1], key.shape[3]
     calls.append((query.new_zeros(1, Hkv, 1, D), query.new_zeros(1, Hkv, 1, D), None, rest))
-    for prefix_k, prefix_v, slots, pick in calls:
+    for prefix_k, prefix_v, adapter_ids, pick in calls:
         idx = pick.nonzero().squeeze(1)
         if idx.numel() == 0:
             continue
         mask = attention_mask
         if mask is not None and mask.shape[0] == rows and rows > 1:
             mask = mask[idx]
-        sub = torch.full((idx.numel(),), -1, dtype=torch.int64, device=dev) if slots is None else slots[idx]
+        none = torch.full((idx.numel(),), -1, dtype=torch.int64, device=dev)
+        sub = none if adapter_ids is None else adapter_ids[idx]
         out[idx] = attend(query[idx], key[idx], value[idx], mask, prefix_k.to(query.dtype),
                           prefix_v.to(query.dtype), sub)  # fmt: skip
     return out.transpose(1, 2), None
 
 
 # --------------------------------------------------------------------------------------------- the bank
-
-
-def _family_groups(model: nn.Module) -> tuple:
-    from fastadapters.patch import SHARED_INPUT_GROUPS, model_type
-
-    return SHARED_INPUT_GROUPS.get(model_type(model), ())
 
 
 def _unpermute(obj, inverse: Tensor, batch: int):
@@ -363,8 +378,6 @@ class AdapterBank:
         """Loads an adapter folder: fastadapters' format (fastadapters_config.json; LoRA, bottleneck or
         prefix) or PEFT's LoRA format (adapter_config.json). Everything is read and checked before the
         bank changes: a bad file leaves it as it was."""
-        from fastadapters import io
-
         if os.path.isfile(os.path.join(path, io.CONFIG_NAME)):
             config, state, base = io.read_adapter(path)
             io.check_base(self.model, base, path)
@@ -381,7 +394,8 @@ class AdapterBank:
     def add(self, name: str, state: dict, config, source: str = "state") -> None:
         """Adds an adapter from memory: `state` is its state dict as fastadapters.save writes it (keys are
         module paths + '.lora_A.weight', '.adapter_down.weight', '.fastadapters_prefix.key', …) and
-        `config` its LoraConfig, BottleneckConfig or PrefixConfig."""
+        `config` its LoraConfig, BottleneckConfig or PrefixConfig. The state must hold exactly the tensors
+        that applying `config` to the model would create (fastadapters.patch.check_state, as io.load)."""
         if not isinstance(name, str) or not name:
             raise TypeError(f"adapter name must be a non-empty str, got {name!r}")
         if not isinstance(config, SUPPORTED):
@@ -394,14 +408,7 @@ class AdapterBank:
         with self._lock:
             if name in self._state.adapters:
                 raise ValueError(f"adapter {name!r} is already loaded; remove it first")
-            if isinstance(config, LoraConfig):
-                adapter = _Adapter(name, config, lora=self._check_lora(name, state, config, source))
-            elif isinstance(config, BottleneckConfig):
-                adapter = _Adapter(
-                    name, config, bottleneck=self._check_bottleneck(name, state, config, source)
-                )
-            else:
-                adapter = _Adapter(name, config, prefix=self._check_prefix(name, state, config, source))
+            adapter = self._adapter(name, state, config, source)
             # Everything is checked: from here on nothing can fail half-way.
             self._wrap([*adapter.lora, *adapter.bottleneck])
             if adapter.prefix:
@@ -420,186 +427,62 @@ class AdapterBank:
 
     # ----------------------------------------------------------------------------------- checks
 
-    def _linear(self, path: str, name: str, source: str, what: str):
-        """(base module, d_in, d_out) of the linear layer at `path`, or a clear error."""
-        at = f"adapter {name!r} ({source})"
-        module = dict(self.model.named_modules()).get(path)
-        if isinstance(module, BankLinear):
-            module = module.base_layer
-        if not isinstance(module, LINEAR_TYPES):
-            kind = "no such module" if module is None else f"a {type(module).__name__}"
-            raise ValueError(
-                f"{at} has {what} for {path!r}: {kind} in this model; was it trained on "
-                "a different base model?"
-            )
-        w = module.weight
-        d_in, d_out = (w.shape[0], w.shape[1]) if isinstance(module, Conv1D) else (w.shape[1], w.shape[0])
-        return module, d_in, d_out
-
-    @staticmethod
-    def _group_keys(name: str, state: dict, source: str, parts: dict) -> dict:
-        """path -> {part: tensor} for keys '<path>.<suffix>' with suffix in parts (suffix -> part name)."""
-        at = f"adapter {name!r} ({source})"
-        found: dict[str, dict] = {}
-        for key, value in state.items():
-            hit = next((s for s in parts if key.endswith("." + s)), None)
-            if hit is None:
-                raise ValueError(f"{at}: unexpected key {key!r}; expected <module>.{{{', '.join(parts)}}}")
-            if not isinstance(value, Tensor) or not value.dtype.is_floating_point:
-                raise ValueError(f"{at}: {key} must be a float tensor")
-            found.setdefault(key[: -len(hit) - 1], {})[parts[hit]] = value
-        if not found:
-            raise ValueError(f"{at} has no weights")
-        return found
-
-    def _check_lora(self, name: str, state: dict, config: LoraConfig, source: str) -> dict:
-        """module path -> (A, B) cast to the module's dtype/device, after checking every key and shape."""
-        at = f"adapter {name!r} ({source})"
-        pairs = self._group_keys(name, state, source, {"lora_A.weight": "A", "lora_B.weight": "B"})
-        lora = {}
-        for path, ab in sorted(pairs.items()):
-            if set(ab) != {"A", "B"}:
-                raise ValueError(f"{at}: {path} has lora_{next(iter(ab))} but not the other")
-            module, d_in, d_out = self._linear(path, name, source, "LoRA weights")
-            a, b, r = ab["A"], ab["B"], config.r
-            if tuple(a.shape) != (r, d_in) or tuple(b.shape) != (d_out, r):
+    def _adapter(self, name: str, state: dict, config, source: str) -> _Adapter:
+        """The adapter as the bank keeps it (tensors in the model's dtype and device), after check_state:
+        exactly the keys, float tensors and shapes that applying `config` to this model would create."""
+        where = f"adapter {name!r} ({source})"
+        if isinstance(config, PrefixConfig):
+            family = model_type(self.model)
+            if PREFIX_ATTENTION.get(family, (None, None))[1] != "registry":
                 raise ValueError(
-                    f"{at}: {path} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; this model's "
-                    f"layer needs ({r}, {d_in}) and ({d_out}, {r}) (r={r}): an adapter for a different base "
-                    "model?"
+                    f"{where}: AdapterBank serves prefix adapters on families whose attention "
+                    f"goes through transformers' attention registry, not {family!r}"
                 )
-            w = module.weight
-            lora[path] = (a.to(device=w.device, dtype=w.dtype), b.to(device=w.device, dtype=w.dtype))
-        return lora
-
-    def _check_bottleneck(self, name: str, state: dict, config: BottleneckConfig, source: str) -> dict:
-        at = f"adapter {name!r} ({source})"
-        from fastadapters.ops.bottleneck import ACTIVATIONS
-        from fastadapters.patch import BOTTLENECK_KINDS, matches, model_type
-
-        parts = {"adapter_down.weight": "down", "adapter_up.weight": "up", "adapter_scaling": "scale"}
-        found = self._group_keys(name, state, source, parts)
-        kinds = BOTTLENECK_KINDS.get(model_type(self.model), {})
-        out = {}
-        for path, p in sorted(found.items()):
-            if "down" not in p or "up" not in p:
-                raise ValueError(f"{at}: {path} needs adapter_down and adapter_up weights")
-            module, d_in, d_out = self._linear(path, name, source, "bottleneck weights")
-            if config.use_parallel_adapter:
-                position = "parallel"
-            else:
-                hits = {kind for key, kind in kinds.items() if matches(path, key)}
-                if len(hits) != 1:
-                    raise ValueError(
-                        f"{at}: series adapter on {path!r}, which is neither of the mh nor "
-                        f"of the output kind in this family's placement table {kinds}"
-                    )
-                position = hits.pop()
-            a_in, a_out = {"mh": (d_in, d_in), "output": (d_out, d_out), "parallel": (d_in, d_out)}[position]
-            down, up, b = p["down"], p["up"], config.bottleneck_size
-            if tuple(down.shape) != (b, a_in) or tuple(up.shape) != (a_out, b):
-                raise ValueError(
-                    f"{at}: {path} has adapter_down {tuple(down.shape)} and adapter_up {tuple(up.shape)}; "
-                    f"this model's layer needs ({b}, {a_in}) and ({a_out}, {b}): an adapter for a different "
-                    "base model?"
-                )
-            if config.learned_scaling:
-                if "scale" not in p or p["scale"].numel() != 1:
-                    raise ValueError(f"{at}: {path} needs one adapter_scaling value")
-                scale = float(p["scale"].reshape(()))
-            elif "scale" in p:
-                raise ValueError(f"{at}: {path} has adapter_scaling but scaling is fixed")
-            else:
-                scale = float(config.scaling)
-            w = module.weight
-            cast = dict(device=w.device, dtype=w.dtype)
+        check_state(self.model, config, state, where)
+        if isinstance(config, LoraConfig):
+            lora = {}
+            for path, module in sorted(lora_targets(self.model, config).items()):
+                a, b = state[f"{path}.lora_A.weight"], state[f"{path}.lora_B.weight"]
+                lora[path] = (a.to(**_cast_to(module)), b.to(**_cast_to(module)))
+            return _Adapter(name, config, lora=lora)
+        if isinstance(config, BottleneckConfig):
+            bottleneck = {}
             act = ACTIVATIONS.index(config.non_linearity)
-            out[path] = (position, down.to(**cast), up.to(**cast), scale, act)
-        return out
+            for path, (module, placement) in sorted(bottleneck_placement(self.model, config).items()):
+                learned = state.get(f"{path}.adapter_scaling")
+                scale = float(config.scaling) if learned is None else float(learned.reshape(()))
+                cast = _cast_to(module)
+                down, up = state[f"{path}.adapter_down.weight"], state[f"{path}.adapter_up.weight"]
+                bottleneck[path] = (placement, down.to(**cast), up.to(**cast), scale, act)
+            return _Adapter(name, config, bottleneck=bottleneck)
+        return _Adapter(name, config, prefix=self._prefix_key_values(config, state))
 
-    def _attention_paths(self, name: str, source: str) -> tuple[list[str], int, int]:
-        """(attention module paths in layer order, key/value heads, head_dim) for prefix adapters."""
-        at = f"adapter {name!r} ({source})"
-        from fastadapters.patch import PREFIX_ATTENTION, model_type
-        from fastadapters.prefix import _kv_shape
-
-        family = model_type(self.model)
-        suffix, route = PREFIX_ATTENTION.get(family, (None, None))
-        if route != "registry":
-            raise ValueError(
-                f"{at}: AdapterBank serves prefix adapters on families whose attention "
-                f"goes through transformers' attention registry, not {family!r}"
-            )
-        paths = [n for n, _ in self.model.named_modules() if n == suffix or n.endswith("." + suffix)]
-        kv_heads, head_dim = _kv_shape(self.model, self.model.get_submodule(paths[0]))
-        return paths, kv_heads, head_dim
-
-    def _check_prefix(self, name: str, state: dict, config: PrefixConfig, source: str) -> dict:
-        at = f"adapter {name!r} ({source})"
-        from fastadapters.prefix import ENCODER_ATTR, PREFIX_ATTR, PrefixEncoder
-
-        paths, kv_heads, head_dim = self._attention_paths(name, source)
-        P = config.num_virtual_tokens
-        weight = next(self.model.parameters())
-        cast = dict(device=weight.device, dtype=weight.dtype)
-        out = {}
-        if config.prefix_projection:
-            hidden = self.model.config.hidden_size
-            encoder = PrefixEncoder(
-                len(paths), kv_heads, P, head_dim, hidden, config.encoder_hidden_size or hidden
-            )
-            prefix = ENCODER_ATTR + "."
-            enc_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            expected = encoder.state_dict()
-            if len(enc_state) != len(state) or set(enc_state) != set(expected):
-                raise ValueError(
-                    f"{at}: prefix encoder keys {sorted(state)[:4]}… do not match "
-                    f"{[prefix + k for k in expected]}"
-                )
-            for k, v in enc_state.items():
-                if tuple(v.shape) != tuple(expected[k].shape):
-                    raise ValueError(
-                        f"{at}: {prefix + k} has shape {tuple(v.shape)}, this model needs "
-                        f"{tuple(expected[k].shape)}: an adapter for a different base model?"
-                    )
-            encoder.load_state_dict({k: v.float() for k, v in enc_state.items()})
-            with torch.no_grad():
-                for i, path in enumerate(paths):
-                    key, value = encoder.layer_key_value(i, torch.float32)
-                    out[path] = (key.to(**cast), value.to(**cast))
-            return out
-        found = self._group_keys(
-            name, state, source, {f"{PREFIX_ATTR}.key": "key", f"{PREFIX_ATTR}.value": "value"}
-        )
-        if sorted(found) != sorted(paths):
-            raise ValueError(
-                f"{at}: prefixes for {sorted(found)[:3]}…, this model's attention layers "
-                f"are {paths[:3]}…: an adapter for a different base model?"
-            )
-        for path in paths:
-            kv = found[path]
-            for part in ("key", "value"):
-                t = kv.get(part)
-                if t is None or tuple(t.shape) != (kv_heads, P, head_dim):
-                    shape = None if t is None else tuple(t.shape)
-                    raise ValueError(
-                        f"{at}: {path}.{PREFIX_ATTR}.{part} has shape {shape}, this model needs "
-                        f"({kv_heads}, {P}, {head_dim}): an adapter for a different base model?"
-                    )
-            out[path] = (kv["key"].to(**cast), kv["value"].to(**cast))
-        return out
+    def _prefix_key_values(self, config: PrefixConfig, state: dict) -> dict:
+        """attention path -> (key, value) [Hkv, P, D] in the model's dtype; a prefix_projection encoder is
+        run (folded) once here."""
+        paths, _ = attention_paths(self.model)
+        cast = _cast_to(next(self.model.parameters()))
+        if not config.prefix_projection:
+            return {
+                path: tuple(state[f"{path}.{PREFIX_ATTR}.{part}"].to(**cast) for part in ("key", "value"))
+                for path in paths
+            }
+        encoder = build_prefix(self.model, config, paths, "cpu", torch.float32)[ENCODER_ATTR]
+        start = ENCODER_ATTR + "."
+        encoder.load_state_dict({k[len(start) :]: v.float() for k, v in state.items() if k.startswith(start)})
+        with torch.no_grad():
+            kv = [encoder.layer_key_value(i, torch.float32) for i in range(len(paths))]
+        return {path: (key.to(**cast), value.to(**cast)) for path, (key, value) in zip(paths, kv)}
 
     # ----------------------------------------------------------------------------------- model changes
 
     def _wrap(self, paths: list[str]) -> None:
         """Wraps the layers at `paths`, and their shared-input siblings (one unit), in BankLinear."""
-        from fastadapters.patch import set_submodule
-
         modules = dict(self.model.named_modules())
         todo = set(paths)
         for path in paths:
             parent, _, leaf = path.rpartition(".")
-            for group in _family_groups(self.model):
+            for group in shared_input_groups(self.model):
                 if leaf in group:
                     siblings = [f"{parent}.{g}" if parent else g for g in group]
                     todo.update(p for p in siblings if p in modules)
@@ -618,8 +501,6 @@ class AdapterBank:
             if BANK_ATTR not in module.__dict__:
                 object.__setattr__(module, BANK_ATTR, (self, path))
         if not self._attention_routed:
-            from fastadapters.prefix import register_attention
-
             register_attention(ATTENTION_NAME, bank_attention_forward)
             self.model.set_attn_implementation(ATTENTION_NAME)
             self._attention_routed = True
@@ -631,7 +512,7 @@ class AdapterBank:
             path for a in adapters.values() for path, spec in a.bottleneck.items() if spec[0] == "mh"
         }
         seen, units = set(), []
-        groups = _family_groups(self.model)
+        groups = shared_input_groups(self.model)
         for path in sorted(self._wrapped):
             if path in seen:
                 continue
@@ -682,9 +563,9 @@ class AdapterBank:
                 units[path] = (unit, m)
         bottlenecks: dict[str, dict] = {}
         for path in sorted({p for a in order for p in a.bottleneck}):
-            for position in POSITIONS:
+            for placement in PLACEMENTS:
                 entries = [(i, a.bottleneck.get(path)) for i, a in enumerate(order)]
-                entries = [(i, spec) for i, spec in entries if spec is not None and spec[0] == position]
+                entries = [(i, spec) for i, spec in entries if spec is not None and spec[0] == placement]
                 if not entries:
                     continue
                 sizes, scales, acts = [0] * len(names), [1.0] * len(names), [0] * len(names)
@@ -698,7 +579,7 @@ class AdapterBank:
                     acts,
                     frozenset(i for i, _ in entries),
                 )
-                bottlenecks.setdefault(path, {})[position] = bank
+                bottlenecks.setdefault(path, {})[placement] = bank
         prefixes = {}
         for path in sorted({p for a in order for p in a.prefix}):
             by_length: dict[int, list] = {}
@@ -707,10 +588,10 @@ class AdapterBank:
                     key, value = adapter.prefix[path]
                     by_length.setdefault(key.shape[1], []).append((i, key, value))
             prefixes[path] = tuple(
-                _PrefixGroup(
+                _PrefixStack(
                     torch.stack([k for _, k, _ in items]),
                     torch.stack([v for _, _, v in items]),
-                    {i: slot for slot, (i, _, _) in enumerate(items)},
+                    {i: row for row, (i, _, _) in enumerate(items)},
                 )
                 for _, items in sorted(by_length.items())
             )
@@ -742,13 +623,13 @@ class AdapterBank:
         unknown = sorted({n for n in adapter_names if n is not None and n not in index}, key=str)
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; loaded adapters: {list(state.names)}")
-        row_ids = torch.tensor([-1 if n is None else index[n] for n in adapter_names], dtype=torch.int64)
+        adapter_ids = torch.tensor([-1 if n is None else index[n] for n in adapter_names], dtype=torch.int64)
         order = None
-        if batch > 1 and bool((row_ids[1:] < row_ids[:-1]).any()):
+        if batch > 1 and bool((adapter_ids[1:] < adapter_ids[:-1]).any()):
             # Rows sorted by adapter make every adapter's tokens one contiguous range in every layer.
-            order = torch.sort(row_ids, stable=True).indices
-            row_ids = row_ids[order]
-        return _Request(state, row_ids), order
+            order = torch.sort(adapter_ids, stable=True).indices
+            adapter_ids = adapter_ids[order]
+        return _Request(state, adapter_ids), order
 
     def _run(self, req: _Request, fn):
         outer = self._request()

@@ -4,6 +4,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from fastadapters.kernels import ACTIVATIONS as BOTTLENECK_ACTIVATIONS
+
 
 def _check_targets(target_modules):
     if target_modules is None:
@@ -56,8 +58,6 @@ class LoraConfig:
 
 
 CONFIG_TYPES: dict[str, type] = {"lora": LoraConfig}
-
-BOTTLENECK_ACTIVATIONS = ("tanh", "relu", "gelu", "silu", "sigmoid")
 
 
 @dataclass

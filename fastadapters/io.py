@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fastadapters.config import LoraConfig, config_from_dict, config_to_dict
-from fastadapters.patch import _config, adapter_named_parameters, apply, remove
+from fastadapters.patch import _config, adapter_named_parameters, apply, check_bare, check_state, remove
 
 CONFIG_NAME = "fastadapters_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -89,31 +89,26 @@ def check_base(model: nn.Module, saved: dict, directory: str) -> None:
         raise ValueError(f"adapter in {directory} was saved for a different base model ({detail})")
 
 
-def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copies `state` into the model's adapter parameters; keys and shapes must match exactly."""
-    params = dict(adapter_named_parameters(model))
-    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-    if missing or unexpected:
-        raise ValueError(
-            f"adapter weights in {source} do not match its config: missing {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''}"
-        )
-    for name, p in params.items():
-        if tuple(state[name].shape) != tuple(p.shape):
-            raise ValueError(
-                f"adapter weight {name} in {source} has shape {tuple(state[name].shape)}, "
-                f"the model expects {tuple(p.shape)}"
-            )
+def _fill(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
-        for name, p in params.items():
+        for name, p in adapter_named_parameters(model):
             p.copy_(state[name])
 
 
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copies `state` into the model's adapter parameters; keys and shapes must be exactly those of
+    fastadapters.patch.expected_state for the model's adapter config."""
+    check_state(model, _config(model), state, f"adapter in {source}")
+    _fill(model, state)
+
+
 def _apply_and_fill(model: nn.Module, config, state: dict, source: str) -> nn.Module:
+    """Checks `state` against `config` on the bare model, then applies the config and fills it in."""
+    check_bare(model)
+    check_state(model, config, state, f"adapter in {source}")
     apply(model, config)
     try:
-        load_adapter_state(model, state, source)
+        _fill(model, state)
     except Exception:
         remove(model)
         raise

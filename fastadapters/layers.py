@@ -9,6 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fastadapters import ops
+from fastadapters.families import PLACEMENTS, base_weight, linear_shape, placement_shape
 
 
 class AdapterModule(nn.Module):
@@ -18,13 +19,6 @@ class AdapterModule(nn.Module):
         for name, p in self.named_parameters():
             if not name.startswith("base_layer."):
                 yield name, p
-
-
-def linear_shape(base: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of an nn.Linear or a transposed HF Conv1D."""
-    if isinstance(base, Conv1D):
-        return base.weight.shape[0], base.weight.shape[1]
-    return base.in_features, base.out_features
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -62,8 +56,7 @@ class LoraLinear(AdapterModule):
 
     def base_weight(self) -> torch.Tensor:
         """The frozen weight as [d_out, d_in] (a transposed view for Conv1D)."""
-        w = self.base_layer.weight
-        return w.T if self.fan_in_fan_out else w
+        return base_weight(self.base_layer)
 
     def operands(self, dtype: torch.dtype):
         """(weight, bias, A, B) in `dtype`, as the op takes them."""
@@ -137,18 +130,19 @@ class LoraGroup:
 class BottleneckAdapter(AdapterModule):
     """A frozen nn.Linear (or HF Conv1D) with an LLM-Adapters bottleneck A(t) = s · up(f(down(drop(t)))).
 
-    kind "mh" (on the input): base(x + A(x)); "output": h + A(h) with h = base(x); "parallel": base(x) + A(x).
-    Parameters keep LLM-Adapters' names: adapter_down.weight [b, d], adapter_up.weight [d', b] (no bias) and,
-    with learned scaling, adapter_scaling [1]. They are kept in fp32 when the base is fp16/bf16 and cast to
-    the compute dtype for the fused op.
+    placement "mh" (on the input): base(x + A(x)); "output": h + A(h) with h = base(x); "parallel":
+    base(x) + A(x). Parameters keep LLM-Adapters' names: adapter_down.weight [b, d], adapter_up.weight
+    [d', b] (no bias) and, with learned scaling, adapter_scaling [1]. They are kept in fp32 when the base is
+    fp16/bf16 and cast to the compute dtype for the fused op.
     """
 
-    KINDS = ("mh", "output", "parallel")
+    PLACEMENTS = PLACEMENTS
+    KINDS = PLACEMENTS  # the former name
 
     def __init__(
         self,
         base_layer: nn.Module,
-        kind: str,
+        placement: str,
         bottleneck_size: int,
         non_linearity: str,
         adapter_dropout: float = 0.0,
@@ -156,12 +150,11 @@ class BottleneckAdapter(AdapterModule):
         init_weights: str = "bert",
     ):
         super().__init__()
-        if kind not in self.KINDS:
-            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         self.base_layer = base_layer
-        self.kind = kind
-        d_in, d_out = linear_shape(base_layer)
-        a_in, a_out = {"mh": (d_in, d_in), "output": (d_out, d_out), "parallel": (d_in, d_out)}[kind]
+        self.placement = placement
+        a_in, a_out = placement_shape(placement, *linear_shape(base_layer))
         w = base_layer.weight
         dtype = w.dtype if w.dtype == torch.float32 or not w.dtype.is_floating_point else torch.float32
         self.adapter_down = nn.Linear(a_in, bottleneck_size, bias=False, device=w.device, dtype=dtype)
@@ -199,9 +192,14 @@ class BottleneckAdapter(AdapterModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x, self.base_layer.weight)
-        if self.kind == "mh":
+        if self.placement == "mh":
             return self.base_layer(self.adapter(x, dtype).to(x.dtype))
         y = self.base_layer(x)
-        if self.kind == "output":
+        if self.placement == "output":
             return self.adapter(y, dtype)
         return self.adapter(x, dtype, residual=y)
+
+    @property
+    def kind(self) -> str:
+        """The former name of `placement`."""
+        return self.placement

@@ -1,85 +1,37 @@
-"""Apply adapters to a HuggingFace model in place, and undo it.
+"""Apply adapters to a HuggingFace model in place, and undo it; the state dict an adapter expects.
 
-Placement lives in per-family tables: adding a family means adding rows, not code. Each adapter kind
-registers (apply, remove) in ADAPTER_KINDS keyed by its config class; `apply` validates everything
-before it changes the model, so a bad config leaves the model untouched.
+What each family needs (targets, shared-input groups, placements, attention modules) lives in
+fastadapters.families; adding a family means adding rows there, not code. Each adapter type registers
+(apply, remove) in ADAPTER_KINDS keyed by its config class; `apply` validates everything before it changes
+the model, so a bad config leaves the model untouched. `expected_state` gives the keys and shapes of the
+tensors a config puts on a model; io.load and AdapterBank both validate a state dict with `check_state`.
 """
 
-from torch import nn
-from transformers.pytorch_utils import Conv1D
+from torch import Tensor, nn
 
+from fastadapters import prefix
 from fastadapters.config import BottleneckConfig, LoraConfig, PrefixConfig
+from fastadapters.families import (  # noqa: F401  (the tables stay importable from here, as before)
+    ADAPTERH_TARGETS,
+    ADAPTERP_TARGETS,
+    BOTTLENECK_KINDS,
+    BOTTLENECK_PLACEMENTS,
+    LINEAR_TYPES,
+    LORA_TARGETS,
+    PARALLEL_TARGETS,
+    PREFIX_ATTENTION,
+    SHARED_INPUT_GROUPS,
+    bottleneck_placement,
+    find_targets,
+    linear_shape,
+    lora_targets,
+    matches,
+    model_type,
+    placement_shape,
+    resolve_targets,
+    shared_input_groups,
+)
 from fastadapters.layers import AdapterModule, BottleneckAdapter, LoraGroup, LoraLinear
-from fastadapters.prefix import ADAPTER_KINDS as _PROMPT_KINDS
-from fastadapters.prefix import apply_prefix, remove_prefix
-
-# Default LoRA targets of LLM-Adapters' finetune script (GPT-2 has no q/v split: its fused c_attn).
-LORA_TARGETS = {
-    "llama": ("q_proj", "v_proj"),
-    "mistral": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"),
-    "opt": ("q_proj", "v_proj"),
-    "gptj": ("q_proj", "v_proj"),
-    "gpt2": ("c_attn",),
-    "bloom": ("query_key_value",),
-    "gpt_neox": ("query_key_value",),
-}
-
-# Linear layers that read the same input tensor; their LoRAs share one shrink (the grouped op).
-SHARED_INPUT_GROUPS = {
-    "llama": (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
-    "mistral": (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
-    "qwen2": (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
-    "opt": (("q_proj", "k_proj", "v_proj"),),
-    "gptj": (("q_proj", "k_proj", "v_proj"),),
-}
-
-LINEAR_TYPES = (nn.Linear, Conv1D)
-
-
-def model_type(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "model_type", None)
-
-
-def resolve_targets(model: nn.Module, targets, table: dict, what: str) -> list[str]:
-    """The target names: the given list, else the family's default from `table`."""
-    if targets is not None:
-        return list(targets)
-    kind = model_type(model)
-    if kind not in table:
-        raise ValueError(
-            f"model_type {kind!r} has no default {what} targets (known families: {sorted(table)}); "
-            "pass target_modules explicitly"
-        )
-    return list(table[kind])
-
-
-def matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)
-
-
-def find_targets(model: nn.Module, targets: list[str], types=LINEAR_TYPES) -> dict[str, nn.Module]:
-    """name -> module for every module matching a target; each target must match at least one module."""
-    found, unmatched = {}, []
-    named = [(n, m) for n, m in model.named_modules() if n and not isinstance(m, AdapterModule)]
-    for target in targets:
-        hits = [(n, m) for n, m in named if matches(n, target)]
-        if not hits:
-            unmatched.append(target)
-        for n, m in hits:
-            if not isinstance(m, types):
-                raise ValueError(
-                    f"target module {n!r} is a {type(m).__name__}; expected one of "
-                    f"{[t.__name__ for t in types]}"
-                )
-            found[n] = m
-    if unmatched:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in named if isinstance(m, LINEAR_TYPES)})
-        raise ValueError(
-            f"target_modules {unmatched} match no module of the model; its linear layers are {leaves}"
-        )
-    return found
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -88,13 +40,13 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _apply_lora(model: nn.Module, config: LoraConfig) -> None:
-    targets = find_targets(model, resolve_targets(model, config.target_modules, LORA_TARGETS, "LoRA"))
-    layers = {}
-    for name, base in targets.items():
-        layers[name] = LoraLinear(base, config.r, config.scale, config.lora_dropout, config.init_lora_weights)
+    layers = {
+        name: LoraLinear(base, config.r, config.scale, config.lora_dropout, config.init_lora_weights)
+        for name, base in lora_targets(model, config).items()
+    }
     for name, layer in layers.items():
         set_submodule(model, name, layer)
-    for group in SHARED_INPUT_GROUPS.get(model_type(model), ()):
+    for group in shared_input_groups(model):
         parents = {n.rpartition(".")[0] for n in layers if n.rpartition(".")[2] == group[0]}
         for parent in parents:
             members = [layers.get(f"{parent}.{leaf}" if parent else leaf) for leaf in group]
@@ -105,6 +57,23 @@ def _apply_lora(model: nn.Module, config: LoraConfig) -> None:
                     m.group = shared
 
 
+def _apply_bottleneck(model: nn.Module, config: BottleneckConfig) -> None:
+    layers = {
+        name: BottleneckAdapter(
+            module,
+            placement,
+            config.bottleneck_size,
+            config.non_linearity,
+            config.adapter_dropout,
+            config.scaling,
+            config.init_weights,
+        )
+        for name, (module, placement) in bottleneck_placement(model, config).items()
+    }
+    for name, layer in layers.items():
+        set_submodule(model, name, layer)
+
+
 def _remove_wrappers(model: nn.Module, cls: type) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, cls):
@@ -113,122 +82,94 @@ def _remove_wrappers(model: nn.Module, cls: type) -> None:
             set_submodule(model, name, module.base_layer)
 
 
-ADAPTER_KINDS = {LoraConfig: (_apply_lora, lambda model: _remove_wrappers(model, LoraLinear))}
-
-# Bottleneck placement, after LLM-Adapters (peft/src/peft/tuners/bottleneck.py, its adapter-type mapping):
-# an "mh" target gets the adapter on its input, an "output" target on its output. LLM-Adapters lists llama,
-# bloom, gptj and opt; the other families follow the same rule: the MLP's input projections are "mh", its
-# output projection "output". Keys match a module's name or a dotted suffix of it (GPT-2's attention has a
-# c_proj too, hence "mlp.c_proj").
-_LLAMA_BOTTLENECK_KINDS = {"gate_proj": "mh", "up_proj": "mh", "down_proj": "output"}
-BOTTLENECK_KINDS = {
-    "llama": _LLAMA_BOTTLENECK_KINDS,
-    "mistral": _LLAMA_BOTTLENECK_KINDS,
-    "qwen2": _LLAMA_BOTTLENECK_KINDS,
-    "bloom": {"dense_h_to_4h": "mh", "dense_4h_to_h": "output"},
-    "gpt_neox": {"dense_h_to_4h": "mh", "dense_4h_to_h": "output"},
-    "gptj": {"fc_in": "mh", "fc_out": "output"},
-    "opt": {"fc1": "mh", "fc2": "output"},
-    "gpt2": {"mlp.c_fc": "mh", "mlp.c_proj": "output"},
-}
-# Default targets (LLM-Adapters peft/src/peft/mapping.py): AdapterH takes every module of the kind table,
-# AdapterP the output kind, the parallel adapter the attention projections. (The paper's best parallel
-# runs pass target_modules=["up_proj", "down_proj"] explicitly.)
-ADAPTERH_TARGETS = {family: tuple(kinds) for family, kinds in BOTTLENECK_KINDS.items()}
-ADAPTERP_TARGETS = {
-    family: tuple(k for k, v in kinds.items() if v == "output") for family, kinds in BOTTLENECK_KINDS.items()
-}
-_QKV = ("q_proj", "k_proj", "v_proj")
-PARALLEL_TARGETS = {
-    "llama": _QKV,
-    "mistral": _QKV,
-    "qwen2": _QKV,
-    "opt": _QKV,
-    "gptj": _QKV,
-    "bloom": ("query_key_value",),
-    "gpt_neox": ("query_key_value",),
-    "gpt2": ("c_attn",),
+ADAPTER_KINDS = {
+    LoraConfig: (_apply_lora, lambda model: _remove_wrappers(model, LoraLinear)),
+    BottleneckConfig: (_apply_bottleneck, lambda model: _remove_wrappers(model, BottleneckAdapter)),
+    PrefixConfig: (prefix.apply_prefix, prefix.remove_prefix),
+    **prefix.ADAPTER_KINDS,
 }
 
 
-def bottleneck_placement(model: nn.Module, config: BottleneckConfig) -> dict[str, tuple[nn.Module, str]]:
-    """name -> (module, kind) for every target of `config`, kind being "mh", "output" or "parallel".
+# --------------------------------------------------------------------------------------------- schema
 
-    Raises ValueError, before anything changes, when a series target is neither kind in the family's table.
+
+def expected_state(model: nn.Module, config) -> dict[str, tuple[int, ...]]:
+    """key -> shape of every tensor that applying `config` adds to `model`: the state dict fastadapters.save
+    writes for it. Reads the model's structure only (the model may be bare or already adapted).
+
+    Raises ValueError when the config does not fit the model (a target matching no module, a series
+    target without a placement, a family without prefix support), TypeError for an unknown config.
     """
-    if config.use_parallel_adapter:
-        targets = resolve_targets(model, config.target_modules, PARALLEL_TARGETS, "parallel-adapter")
-        return {name: (module, "parallel") for name, module in find_targets(model, targets).items()}
-    table, what = (ADAPTERP_TARGETS, "AdapterP") if config.use_adapterp else (ADAPTERH_TARGETS, "AdapterH")
-    targets = resolve_targets(model, config.target_modules, table, what)
-    family = model_type(model)
-    kinds = BOTTLENECK_KINDS.get(family)
-    if kinds is None:
+    if isinstance(config, LoraConfig):
+        shapes = {}
+        for name, module in lora_targets(model, config).items():
+            d_in, d_out = linear_shape(module)
+            shapes[f"{name}.lora_A.weight"] = (config.r, d_in)
+            shapes[f"{name}.lora_B.weight"] = (d_out, config.r)
+        return shapes
+    if isinstance(config, BottleneckConfig):
+        shapes, b = {}, config.bottleneck_size
+        for name, (module, placement) in bottleneck_placement(model, config).items():
+            a_in, a_out = placement_shape(placement, *linear_shape(module))
+            shapes[f"{name}.adapter_down.weight"] = (b, a_in)
+            shapes[f"{name}.adapter_up.weight"] = (a_out, b)
+            if config.learned_scaling:
+                shapes[f"{name}.adapter_scaling"] = (1,)
+        return shapes
+    if type(config) in ADAPTER_KINDS:
+        return prefix.state_shapes(model, config)
+    raise TypeError(
+        f"config must be one of {[c.__name__ for c in ADAPTER_KINDS]}, got {type(config).__name__}"
+    )
+
+
+def _listed(keys: list[str]) -> str:
+    return f"{keys[:5]}{'...' if len(keys) > 5 else ''}"
+
+
+def check_state(model: nn.Module, config, state: dict, where: str) -> dict[str, tuple[int, ...]]:
+    """Raises ValueError, naming the key, unless `state` holds exactly the keys of expected_state(model,
+    config), each a floating-point tensor of the expected shape; returns the expected shapes.
+
+    `where` opens every message (e.g. "adapter in out/lora").
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"{where}: the state must be a dict of tensors, got {type(state).__name__}")
+    try:
+        expected = expected_state(model, config)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
         raise ValueError(
-            f"model_type {family!r} has no bottleneck placement table (known families: "
-            f"{sorted(BOTTLENECK_KINDS)}); series adapters need it to tell mh (input) targets from output "
-            "targets. use_parallel_adapter=True works on any linear layer"
+            f"{where}: weights do not match its config: missing {_listed(missing)}, "
+            f"unexpected {_listed(unexpected)} (saved for a different base model, or with another config?)"
         )
-    placement = {}
-    for name, module in find_targets(model, targets).items():
-        hits = {kind for key, kind in kinds.items() if matches(name, key)}
-        if len(hits) != 1:
+    for key, shape in expected.items():
+        value = state[key]
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{where}: {key} must be a floating-point tensor, got {got}")
+        if tuple(value.shape) != shape:
             raise ValueError(
-                f"target module {name!r} is neither of the mh nor of the output kind in the {family} "
-                f"placement table {kinds}; series adapters go on those modules "
-                "(or set use_parallel_adapter=True)"
+                f"{where}: {key} has shape {tuple(value.shape)}, this model needs {shape} for its config: "
+                "saved for a different base model, or with another config?"
             )
-        placement[name] = (module, hits.pop())
-    return placement
+    return expected
 
 
-def _apply_bottleneck(model: nn.Module, config: BottleneckConfig) -> None:
-    layers = {
-        name: BottleneckAdapter(
-            module,
-            kind,
-            config.bottleneck_size,
-            config.non_linearity,
-            config.adapter_dropout,
-            config.scaling,
-            config.init_weights,
-        )
-        for name, (module, kind) in bottleneck_placement(model, config).items()
-    }
-    for name, layer in layers.items():
-        set_submodule(model, name, layer)
+# --------------------------------------------------------------------------------------------- apply
 
 
-ADAPTER_KINDS[BottleneckConfig] = (
-    _apply_bottleneck,
-    lambda model: _remove_wrappers(model, BottleneckAdapter),
-)
-
-
-# Prefix tuning: each family's attention module (name suffix) and how the prefix reaches its attention:
-# "registry" = transformers' attention registry (fastadapters.prefix registers "fastadapters_prefix");
-# "bloom" = a patched BloomAttention.forward (ALiBi attention outside the registry; slower, dense bias).
-PREFIX_ATTENTION = {
-    "llama": ("self_attn", "registry"),
-    "mistral": ("self_attn", "registry"),
-    "qwen2": ("self_attn", "registry"),
-    "opt": ("self_attn", "registry"),
-    "gptj": ("attn", "registry"),
-    "gpt2": ("attn", "registry"),
-    "gpt_neox": ("attention", "registry"),
-    "bloom": ("self_attention", "bloom"),
-}
-ADAPTER_KINDS[PrefixConfig] = (
-    lambda model, config: apply_prefix(model, config, PREFIX_ATTENTION),
-    remove_prefix,
-)
-ADAPTER_KINDS.update(_PROMPT_KINDS)
+def check_bare(model: nn.Module) -> None:
+    """Raises ValueError when `model` already has a fastadapters adapter."""
+    if getattr(model, "fastadapters_config", None) is not None:
+        raise ValueError("model already has a fastadapters adapter; call fastadapters.remove(model) first")
 
 
 def apply(model: nn.Module, config) -> nn.Module:
     """Adds the adapter described by `config` to `model` in place, freezes everything else, returns model."""
-    if getattr(model, "fastadapters_config", None) is not None:
-        raise ValueError("model already has a fastadapters adapter; call fastadapters.remove(model) first")
+    check_bare(model)
     if type(config) not in ADAPTER_KINDS:
         raise TypeError(
             f"config must be one of {[c.__name__ for c in ADAPTER_KINDS]}, got {type(config).__name__}"
@@ -236,9 +177,9 @@ def apply(model: nn.Module, config) -> nn.Module:
     add, _ = ADAPTER_KINDS[type(config)]
     was_trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     add(model, config)
-    adapter_ids = {id(p) for _, p in adapter_named_parameters(model)}
+    adapter_params = {id(p) for _, p in adapter_named_parameters(model)}
     for p in model.parameters():
-        p.requires_grad_(id(p) in adapter_ids)
+        p.requires_grad_(id(p) in adapter_params)
     model.fastadapters_config = config
     model._fastadapters_was_trainable = was_trainable
     return model

@@ -16,9 +16,9 @@ from peft.tuners.lora import layer as peft_lora
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import TrainerCallback
-from transformers.pytorch_utils import Conv1D
 
 from fastadapters import ops
+from fastadapters.families import LINEAR_TYPES, base_weight
 from fastadapters.layers import compute_dtype
 
 
@@ -42,7 +42,7 @@ class AcceleratedLoraLinear(peft_lora.Linear):
         dropout_p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         scale = self.scaling[name]
         dtype = compute_dtype(x, base.weight)
-        weight = base.weight.T if self.fan_in_fan_out else base.weight
+        weight = base_weight(base)  # PEFT sets fan_in_fan_out exactly for Conv1D bases
         bias = None if base.bias is None else base.bias.to(dtype)
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         y = ops.lora_linear(
@@ -74,7 +74,7 @@ def _why_not(module: nn.Module) -> str | None:
             "LoRA variant (" + ", ".join(sorted(type(v).__name__ for v in module.lora_variant.values())) + ")"
         )
     base = module.get_base_layer()
-    if type(base) not in (nn.Linear, Conv1D):
+    if type(base) not in LINEAR_TYPES:
         return f"base layer is {type(base).__name__}, not nn.Linear or Conv1D"
     if not base.weight.dtype.is_floating_point:
         return f"base weight dtype {base.weight.dtype}"

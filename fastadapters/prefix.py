@@ -27,6 +27,7 @@ from torch import nn
 
 from fastadapters import ops
 from fastadapters.config import PrefixConfig, PromptTuningConfig, PTuningConfig
+from fastadapters.families import PREFIX_ATTENTION, attention_paths, kv_shape
 from fastadapters.layers import AdapterModule
 
 ATTENTION_NAME = "fastadapters_prefix"
@@ -233,57 +234,48 @@ def _bloom_prefix_forward(
 # prefix tuning: apply / remove / fold
 
 
-def _family(model: nn.Module, families: dict) -> tuple[str, str]:
-    kind = getattr(getattr(model, "config", None), "model_type", None)
-    if kind not in families:
-        raise ValueError(f"prefix tuning supports model_type in {sorted(families)}, got {kind!r}")
-    return families[kind]
-
-
-def _attention_modules(model: nn.Module, suffix: str) -> list[nn.Module]:
-    found = [m for n, m in model.named_modules() if n == suffix or n.endswith("." + suffix)]
-    if not found:
-        raise ValueError(f"no attention module named '*.{suffix}' in {type(model).__name__}")
-    return found
-
-
-def _kv_shape(model: nn.Module, attn: nn.Module) -> tuple[int, int]:
-    """(key/value heads, head_dim) of the model's attention."""
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(attn, "head_dim", None) or getattr(attn, "head_size", None) or cfg.hidden_size // heads
-    return int(kv_heads), int(head_dim)
-
-
-def apply_prefix(model: nn.Module, config: PrefixConfig, families: dict) -> None:
-    """Gives each attention layer its prefix and routes attention through prefix_attention."""
-    suffix, route = _family(model, families)
-    modules = _attention_modules(model, suffix)
-    kv_heads, head_dim = _kv_shape(model, modules[0])
-    weight = next(modules[0].parameters())
-    device, dtype = weight.device, _adapter_dtype(weight)
+def build_prefix(model: nn.Module, config: PrefixConfig, paths: list[str], device, dtype) -> dict:
+    """The modules prefix tuning adds, keyed by where they go: ENCODER_ATTR (on the model) for
+    prefix_projection, else '<attention path>.' + PREFIX_ATTR for each attention layer."""
+    kv_heads, head_dim = kv_shape(model, model.get_submodule(paths[0]))
     P = config.num_virtual_tokens
     if config.prefix_projection:
         hidden = model.config.hidden_size
-        encoder = PrefixEncoder(
-            len(modules), kv_heads, P, head_dim, hidden, config.encoder_hidden_size or hidden, device, dtype
-        )
+        encoder_hidden = config.encoder_hidden_size or hidden
+        return {
+            ENCODER_ATTR: PrefixEncoder(
+                len(paths), kv_heads, P, head_dim, hidden, encoder_hidden, device, dtype
+            )
+        }
+    return {f"{path}.{PREFIX_ATTR}": PrefixKV(kv_heads, P, head_dim, device, dtype) for path in paths}
+
+
+def apply_prefix(model: nn.Module, config: PrefixConfig, families: dict = PREFIX_ATTENTION) -> None:
+    """Gives each attention layer its prefix and routes attention through prefix_attention.
+
+    families: the per-family attention table (fastadapters.families.PREFIX_ATTENTION).
+    """
+    paths, route = attention_paths(model, families)
+    if route not in ("registry", "bloom"):
+        raise ValueError(f"unknown prefix route {route!r}")
+    modules = [model.get_submodule(path) for path in paths]
+    weight = next(modules[0].parameters())
+    added = build_prefix(model, config, paths, weight.device, _adapter_dtype(weight))
+    encoder = added.get(ENCODER_ATTR)
+    if encoder is not None:
         setattr(model, ENCODER_ATTR, encoder)
         for i, module in enumerate(modules):
             object.__setattr__(module, PREFIX_ATTR, _EncodedPrefix(encoder, i))
     else:
-        for module in modules:
-            setattr(module, PREFIX_ATTR, PrefixKV(kv_heads, P, head_dim, device, dtype))
+        for module, path in zip(modules, paths):
+            setattr(module, PREFIX_ATTR, added[f"{path}.{PREFIX_ATTR}"])
     if route == "registry":
         register_attention()
         model._fastadapters_previous_attention = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION_NAME)
-    elif route == "bloom":
+    else:
         for module in modules:
             module.forward = types.MethodType(_bloom_prefix_forward, module)
-    else:
-        raise ValueError(f"unknown prefix route {route!r}")
 
 
 def remove_prefix(model: nn.Module) -> None:
@@ -430,25 +422,33 @@ def _prompt_post_hook(model, args, kwargs, output):
     return output
 
 
-def apply_prompt(model: nn.Module, config) -> None:
-    """Adds prompt tuning or P-tuning virtual tokens to the model's input (see the module docstring)."""
+def _input_embedding_weight(model: nn.Module) -> torch.Tensor:
     embeddings = model.get_input_embeddings()
     if embeddings is None:
         raise ValueError(f"{type(model).__name__} has no input embeddings to prepend virtual tokens to")
-    weight = embeddings.weight
-    hidden, P = weight.shape[1], config.num_virtual_tokens
-    device, dtype = weight.device, _adapter_dtype(weight)
+    return embeddings.weight
+
+
+def build_prompt(config, hidden: int, device, dtype) -> AdapterModule:
+    """The module prompt tuning (PromptEmbedding) or P-tuning (PromptEncoder) adds, freshly initialised."""
+    P = config.num_virtual_tokens
     if isinstance(config, PromptTuningConfig):
-        prompt = PromptEmbedding(P, hidden, device, dtype)
-        if config.init == "text":
-            ids = list(config.init_token_ids)
-            if max(ids) >= weight.shape[0] or min(ids) < 0:
-                raise ValueError(f"init_token_ids must lie in [0, {weight.shape[0]}) (the vocab), got {ids}")
-            ids = (ids * math.ceil(P / len(ids)))[:P]
-            with torch.no_grad():
-                prompt.embedding.weight.copy_(weight[torch.tensor(ids, device=device)].to(dtype))
-    else:
-        prompt = PromptEncoder(P, hidden, config.encoder, config.encoder_hidden_size or hidden, device, dtype)
+        return PromptEmbedding(P, hidden, device, dtype)
+    return PromptEncoder(P, hidden, config.encoder, config.encoder_hidden_size or hidden, device, dtype)
+
+
+def apply_prompt(model: nn.Module, config) -> None:
+    """Adds prompt tuning or P-tuning virtual tokens to the model's input (see the module docstring)."""
+    weight = _input_embedding_weight(model)
+    P, device, dtype = config.num_virtual_tokens, weight.device, _adapter_dtype(weight)
+    prompt = build_prompt(config, weight.shape[1], device, dtype)
+    if isinstance(config, PromptTuningConfig) and config.init == "text":
+        ids = list(config.init_token_ids)
+        if max(ids) >= weight.shape[0] or min(ids) < 0:
+            raise ValueError(f"init_token_ids must lie in [0, {weight.shape[0]}) (the vocab), got {ids}")
+        ids = (ids * math.ceil(P / len(ids)))[:P]
+        with torch.no_grad():
+            prompt.embedding.weight.copy_(weight[torch.tensor(ids, device=device)].to(dtype))
     prompt._logits_length = None
     setattr(model, PROMPT_ATTR, prompt)
     prompt._handles = [
@@ -469,3 +469,21 @@ ADAPTER_KINDS = {
     PromptTuningConfig: (apply_prompt, remove_prompt),
     PTuningConfig: (apply_prompt, remove_prompt),
 }
+
+
+def state_shapes(model: nn.Module, config) -> dict[str, tuple[int, ...]]:
+    """key -> shape of every tensor a prefix, prompt-tuning or P-tuning `config` adds to `model` (the
+    modules are built on the meta device; the model is not changed)."""
+    if isinstance(config, PrefixConfig):
+        paths, _ = attention_paths(model)
+        added = build_prefix(model, config, paths, "meta", torch.float32)
+    elif isinstance(config, (PromptTuningConfig, PTuningConfig)):
+        hidden = _input_embedding_weight(model).shape[1]
+        added = {PROMPT_ATTR: build_prompt(config, hidden, "meta", torch.float32)}
+    else:
+        raise TypeError(f"config must be a PrefixConfig, PromptTuningConfig or PTuningConfig, got {config!r}")
+    return {
+        f"{where}.{name}": tuple(p.shape)
+        for where, module in added.items()
+        for name, p in module.adapter_named_parameters()
+    }

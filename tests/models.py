@@ -7,49 +7,45 @@ FAMILIES = ("llama", "mistral", "qwen2", "bloom", "gptj", "gpt2", "opt", "gpt_ne
 VOCAB = 97
 
 
+# Per family: the config class and its sizes (hidden 64, 2 layers, 4 heads, MLP 96, 128 positions), in the
+# family's own field names.
+_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+_LLAMA_LIKE = dict(_SIZES, intermediate_size=96, num_key_value_heads=2)
+_TINY = {
+    "llama": (T.LlamaConfig, _LLAMA_LIKE),
+    "mistral": (T.MistralConfig, _LLAMA_LIKE),
+    "qwen2": (T.Qwen2Config, _LLAMA_LIKE),
+    "bloom": (T.BloomConfig, dict(hidden_size=64, n_layer=2, n_head=4)),
+    "gptj": (T.GPTJConfig, dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128)),
+    "gpt2": (T.GPT2Config, dict(n_embd=64, n_layer=2, n_head=4, n_positions=128)),
+    "opt": (T.OPTConfig, dict(_SIZES, ffn_dim=96, word_embed_proj_dim=64)),
+    "gpt_neox": (T.GPTNeoXConfig, dict(_SIZES, intermediate_size=96)),
+}
+
+
 def tiny_config(family: str, **overrides):
-    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if family in ("llama", "mistral", "qwen2"):
-        cls = {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config}[family]
-        cfg = cls(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            **common,
-        )
-    elif family == "bloom":
-        cfg = T.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **common)
-    elif family == "gptj":
-        cfg = T.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128, **common)
-    elif family == "gpt2":
-        cfg = T.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)
-    elif family == "opt":
-        cfg = T.OPTConfig(
-            hidden_size=64,
-            ffn_dim=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            word_embed_proj_dim=64,
-            max_position_embeddings=128,
-            **common,
-        )
-    elif family == "gpt_neox":
-        cfg = T.GPTNeoXConfig(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            **common,
-        )
-    else:
+    if family not in _TINY:
         raise ValueError(family)
+    cls, sizes = _TINY[family]
+    cfg = cls(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, **sizes)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
+
+
+def llama_7b_on_meta():
+    """LLaMA-7B's architecture on the meta device (no memory): for the paper's trainable-parameter counts."""
+    cfg = T.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        vocab_size=32000,
+    )
+    with torch.device("meta"):
+        model = T.AutoModelForCausalLM.from_config(cfg)
+    assert sum(p.numel() for p in model.parameters()) == 6_738_415_616
+    return model
 
 
 def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):

@@ -10,6 +10,7 @@ it was.
 
 import copy
 import os
+import re
 import threading
 
 import peft
@@ -396,14 +397,14 @@ def test_bad_adapters_leave_the_bank_unchanged(setup, case, tmp_path):
     elif case == "missing":
         err, match = FileNotFoundError, "not found"
     elif case == "bad keys":
-        with pytest.raises(ValueError, match="no such module"):
+        with pytest.raises(ValueError, match=r"unexpected \['model\.nope\.lora_A\.weight'"):
             state = {
                 "model.nope.lora_A.weight": torch.zeros(4, 64),
                 "model.nope.lora_B.weight": torch.zeros(64, 4),
             }
             bank.add("x", state, fastadapters.LoraConfig(r=4))
-        with pytest.raises(ValueError, match="but not the other"):
-            key = next(k for k in bank._state.adapters[bank.names()[0]].lora)
+        key = min(bank._state.adapters[bank.names()[0]].lora)
+        with pytest.raises(ValueError, match=rf"missing \['{re.escape(key)}\.lora_B\.weight'"):
             bank.add("x", {f"{key}.lora_A.weight": torch.zeros(1, 64)}, fastadapters.LoraConfig(r=1))
         err = None
     else:

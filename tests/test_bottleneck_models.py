@@ -10,9 +10,8 @@ import copy
 
 import pytest
 import torch
-import transformers
-from conftest import TEST_DEVICE, assert_close
-from models import FAMILIES, VOCAB, tiny_model, trainer_loss_before_after
+from conftest import assert_close
+from models import FAMILIES, VOCAB, llama_7b_on_meta, tiny_model, trainer_loss_before_after
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -124,6 +123,23 @@ def logits_and_loss(model, ids):
     return out.logits, out.loss
 
 
+def patched_and_twin(base, config):
+    """`base` patched with `config` (random adapter weights), and its plain-torch twin."""
+    model = fastadapters.apply(copy.deepcopy(base), config)
+    randomize_adapter(model)
+    return model, plain_twin(base, model)
+
+
+def backward_both(model, twin, ids, what: str):
+    """Runs forward and backward on both; asserts equal logits; returns the patched model's logits."""
+    logits, loss = logits_and_loss(model, ids)
+    plain_logits, plain_loss = logits_and_loss(twin, ids)
+    assert_close(logits, plain_logits, torch.float32, f"{what} logits")
+    loss.backward()
+    plain_loss.backward()
+    return logits
+
+
 def snapshot(model):
     """Everything a failed apply must leave unchanged: parameters, module types, flags, attributes."""
     return (
@@ -145,13 +161,6 @@ def assert_same(model, snap):
 
 def test_llama_7b_trainable_percentages():
     """Series (bottleneck 256 on down_proj) 0.9861% and Parallel (up_proj, down_proj) 3.5423%."""
-    cfg = transformers.LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        vocab_size=32000,
-        num_attention_heads=32,
-    )
     cases = [
         (
             fastadapters.BottleneckConfig(bottleneck_size=256, target_modules=["down_proj"]),
@@ -167,10 +176,8 @@ def test_llama_7b_trainable_percentages():
         ),
     ]
     for config, trainable_expected, percent in cases:
-        with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(cfg)
+        model = llama_7b_on_meta()
         base = sum(p.numel() for p in model.parameters())
-        assert base == 6_738_415_616
         fastadapters.apply(model, config)
         trainable, total = fastadapters.trainable_parameters(model)
         assert (trainable, total) == (trainable_expected, base + trainable_expected)
@@ -191,19 +198,14 @@ def test_llama_7b_trainable_percentages():
 def test_placement_and_logits_match_plain_torch(family, mode):
     base = tiny_model(family)
     config = fastadapters.BottleneckConfig(bottleneck_size=8, non_linearity="gelu", **MODES[mode])
-    model = fastadapters.apply(copy.deepcopy(base), config)
-    placed = {n: m.kind for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)}
+    model, twin = patched_and_twin(base, config)
+    placed = {n: m.placement for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)}
     assert placed == expected_placement(base, family, mode) and placed
-    randomize_adapter(model)
-    twin = plain_twin(base, model)
+    assert all(m.kind == m.placement for m in model.modules() if isinstance(m, BottleneckAdapter))
     ids = inputs()
-    logits, loss = logits_and_loss(model, ids)
-    plain_logits, plain_loss = logits_and_loss(twin, ids)
-    assert_close(logits, plain_logits, torch.float32, f"{family} {mode} logits")
+    logits = backward_both(model, twin, ids, f"{family} {mode}")
     assert not torch.allclose(logits, base(ids).logits, atol=1e-3), "the adapter does not change the logits"
     # Gradients of every adapter weight match the plain twin's.
-    loss.backward()
-    plain_loss.backward()
     plain_params = {n: m for n, m in twin.named_modules() if isinstance(m, PlainAdapterLinear)}
     for name, module in model.named_modules():
         if isinstance(module, BottleneckAdapter):
@@ -219,38 +221,22 @@ def test_placement_and_logits_match_plain_torch(family, mode):
 def test_activations_and_learned_scaling_on_llama(activation):
     base = tiny_model("llama")
     config = fastadapters.BottleneckConfig(bottleneck_size=6, non_linearity=activation, scaling="learned")
-    model = fastadapters.apply(copy.deepcopy(base), config)
-    randomize_adapter(model)
-    twin = plain_twin(base, model)
-    ids = inputs()
-    logits, loss = logits_and_loss(model, ids)
-    plain_logits, plain_loss = logits_and_loss(twin, ids)
-    assert_close(logits, plain_logits, torch.float32, f"{activation} logits")
-    loss.backward()
-    plain_loss.backward()
+    model, twin = patched_and_twin(base, config)
+    backward_both(model, twin, inputs(), activation)
     ours = [m.adapter_scaling.grad for m in model.modules() if isinstance(m, BottleneckAdapter)]
     theirs = [m.scaling.grad for m in twin.modules() if isinstance(m, PlainAdapterLinear)]
     assert len(ours) == 6 and all(g is not None and g.shape == (1,) for g in ours)
     assert_close(torch.stack(ours), torch.stack(theirs), torch.float32, "d_scaling")
 
 
-DEVICE = torch.device(TEST_DEVICE)
-
-
-@pytest.mark.skipif(
-    DEVICE.type == "cuda"
-    and not torch.cuda.is_available()
-    or bool(fastadapters.ops.bottleneck.BACKENDS["triton"].reasons(device=DEVICE)),
-    reason="triton cannot run here",
-)
-def test_triton_backend_on_a_model():
+def test_triton_backend_on_a_model(device):
     # The interpreter on the CPU; the compiled kernels under FASTADAPTERS_TEST_DEVICE=cuda.
-    base = tiny_model("gpt2").to(DEVICE)
-    config = fastadapters.BottleneckConfig(bottleneck_size=8, scaling="learned")
-    model = fastadapters.apply(copy.deepcopy(base), config)
-    randomize_adapter(model)
-    twin = plain_twin(base, model)
-    ids = inputs(batch=1, seq=5).to(DEVICE)
+    reasons = fastadapters.ops.bottleneck.BACKENDS["triton"].reasons(device=device)
+    if reasons:
+        pytest.skip(f"triton cannot run here: {reasons}")
+    base = tiny_model("gpt2").to(device)
+    model, twin = patched_and_twin(base, fastadapters.BottleneckConfig(bottleneck_size=8, scaling="learned"))
+    ids = inputs(batch=1, seq=5).to(device)
     with use_backend("triton"):
         logits, loss = logits_and_loss(model, ids)
         loss.backward()

@@ -12,8 +12,9 @@ from models import FAMILIES, VOCAB, tiny_model, trainer_loss_before_after
 from transformers.pytorch_utils import Conv1D
 
 import fastadapters
+from fastadapters.families import LORA_TARGETS
 from fastadapters.layers import LoraLinear
-from fastadapters.patch import LORA_TARGETS, adapter_named_parameters
+from fastadapters.patch import adapter_named_parameters
 
 R, ALPHA = 4, 8
 ATOL_RTOL_MODEL = torch.float32  # model-level comparisons use the fp32 row of the tolerance table

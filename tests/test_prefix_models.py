@@ -10,14 +10,15 @@ whose prefix tuning ignores the prefix in generate().
 import pytest
 import torch
 import transformers
-from conftest import TEST_DEVICE, assert_close
-from models import VOCAB, tiny_model
+from conftest import assert_close
+from models import VOCAB, llama_7b_on_meta, tiny_model
 from transformers import DynamicCache
 
 import fastadapters as fa
 from fastadapters import prefix as prefix_mod
+from fastadapters.families import PREFIX_ATTENTION
 from fastadapters.ops import use_backend
-from fastadapters.patch import PREFIX_ATTENTION, adapter_named_parameters
+from fastadapters.patch import adapter_named_parameters
 
 FAMILIES = ("llama", "mistral", "qwen2", "gptj", "gpt_neox", "bloom")
 EXTRA_FAMILIES = ("gpt2", "opt")
@@ -137,11 +138,8 @@ def test_projection_logits_and_fold():
     assert_close(out[keep], ref[keep], F32, name="projection logits")
 
 
-def test_triton_backend_in_a_model():
+def test_triton_backend_in_a_model(device):
     """The interpreter on the CPU; the compiled kernels under FASTADAPTERS_TEST_DEVICE=cuda."""
-    device = torch.device(TEST_DEVICE)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        pytest.skip("FASTADAPTERS_TEST_DEVICE=cuda but CUDA is not available")
     model = tiny_model("llama", num_hidden_layers=1).to(device)
     fa.apply(model, fa.PrefixConfig(num_virtual_tokens=3))
     ids, mask = (t.to(device) for t in left_padded_batch(B=2, S=6))
@@ -308,17 +306,7 @@ def test_save_load_remove_roundtrip(family, config, tmp_path):
 
 
 def test_trainable_count_llama_7b_shapes_is_the_papers():
-    cfg = transformers.LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        vocab_size=32000,
-    )
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(cfg)
-    base = sum(p.numel() for p in model.parameters())
-    assert base == 6_738_415_616
+    model = llama_7b_on_meta()
     fa.apply(model, fa.PrefixConfig(num_virtual_tokens=30))
     trainable, total = fa.trainable_parameters(model)
     assert trainable == 32 * 2 * 30 * 4096
