@@ -312,6 +312,28 @@ class _Mystery(torch.nn.Module):
         (lambda: fastadapters.LoraConfig(lora_alpha=-1), ValueError, ["lora_alpha"]),
         (lambda: fastadapters.LoraConfig(lora_dropout=1.0), ValueError, ["lora_dropout"]),
         (lambda: fastadapters.LoraConfig(target_modules=[]), ValueError, ["target_modules"]),
+        # Types are checked: bools are real bools, ints are not bools, numbers are finite.
+        (
+            lambda: fastadapters.LoraConfig(use_rslora="no"),
+            ValueError,
+            ["use_rslora", "True or False", "'no'"],
+        ),
+        (
+            lambda: fastadapters.LoraConfig(init_lora_weights=1),
+            ValueError,
+            ["init_lora_weights", "True or False"],
+        ),
+        (
+            lambda: fastadapters.LoraConfig(target_modules=5),
+            ValueError,
+            ["target_modules", "list", "5 (int)"],
+        ),
+        (lambda: fastadapters.LoraConfig(r=True), ValueError, ["r ", "integer", "True"]),
+        (lambda: fastadapters.LoraConfig(r="abc"), ValueError, ["r ", "integer", "'abc' (str)"]),
+        (lambda: fastadapters.LoraConfig(lora_alpha=True), ValueError, ["lora_alpha", "number", "True"]),
+        (lambda: fastadapters.LoraConfig(lora_alpha=float("nan")), ValueError, ["lora_alpha", "finite"]),
+        (lambda: fastadapters.LoraConfig(lora_dropout="x"), ValueError, ["lora_dropout", "[0, 1)", "'x'"]),
+        (lambda: fastadapters.LoraConfig(lora_dropout=float("nan")), ValueError, ["lora_dropout", "nan"]),
     ],
 )
 def test_bad_config_values(make_config, error, words):

@@ -434,6 +434,19 @@ def test_bad_configs_raise():
         fa.PromptTuningConfig(num_virtual_tokens=3, init="text", init_text="hello")
     with pytest.raises(ValueError, match="encoder"):
         fa.PTuningConfig(num_virtual_tokens=3, encoder="gru")
+    # Types are checked as a saved config would carry them: no truthy strings, no bools as ints.
+    with pytest.raises(ValueError, match=r"prefix_projection must be True or False, got 'false' \(str\)"):
+        fa.PrefixConfig(num_virtual_tokens=3, prefix_projection="false")
+    with pytest.raises(ValueError, match="num_virtual_tokens must be an integer >= 1, got True"):
+        fa.PrefixConfig(num_virtual_tokens=True)
+    with pytest.raises(ValueError, match="encoder_hidden_size must be None or an integer >= 1"):
+        fa.PTuningConfig(num_virtual_tokens=3, encoder_hidden_size="64")
+    with pytest.raises(ValueError, match="init_token_ids must be a non-empty list"):
+        fa.PromptTuningConfig(num_virtual_tokens=3, init="text", init_token_ids=5)
+    with pytest.raises(ValueError, match=r"PromptTuningConfig needs the field\(s\) \['num_virtual_tokens'\]"):
+        fa.config.config_from_dict({"adapter_type": "prompt_tuning"})
+    with pytest.raises(ValueError, match="adapter_type must be one of"):
+        fa.config.config_from_dict({"adapter_type": ["prefix"]})
 
 
 def test_prefix_of_another_model_shape_is_refused(tmp_path):
