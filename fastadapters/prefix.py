@@ -133,9 +133,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     if attention_mask is not None and attention_mask.dim() == 4:
         causal = False  # transformers' 4-D masks carry the causal pattern themselves
     dtype = query.dtype
-    if torch.is_autocast_enabled(
-        query.device.type
-    ):  # rotary embeddings leave q, k in fp32 and v in autocast's
+    # Under autocast, rotary embeddings leave q and k in fp32 and v in autocast's dtype: attend in the latter.
+    if torch.is_autocast_enabled(query.device.type):
         dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     prefix_k, prefix_v = prefix.key_value(dtype)
@@ -291,9 +290,9 @@ def apply_prefix(model: nn.Module, config: PrefixConfig, families: dict) -> None
         copies = {}
         copy.deepcopy(model.config, copies)
         for module in model.modules():
-            config = module.__dict__.get("config")
-            if isinstance(config, PretrainedConfig) and id(config) in copies:
-                module.config = copies[id(config)]
+            shared = module.__dict__.get("config")
+            if isinstance(shared, PretrainedConfig) and id(shared) in copies:
+                module.config = copies[id(shared)]
         model._fastadapters_previous_attention = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION_NAME)
     elif route == "bloom":
