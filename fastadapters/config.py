@@ -7,17 +7,52 @@ from dataclasses import dataclass, field
 from fastadapters.kernels import ACTIVATIONS as BOTTLENECK_ACTIVATIONS
 
 
+def check_field(
+    name: str, value, kind: str, *, at_least=None, above=None, below=None, choices=(), optional: bool = False
+):
+    """`value` if it is a `kind` ("bool", "int", "number", "choice") within the bounds, else a ValueError
+    naming the field, what was expected and what was given. Bools are only bools, ints are never bools,
+    numbers are finite ints or floats; `optional` also accepts None."""
+    if optional and value is None:
+        return value
+    if kind == "bool":
+        expected, ok = "True or False", isinstance(value, bool)
+    elif kind == "choice":
+        expected = "one of " + ", ".join(repr(c) for c in choices)
+        ok = isinstance(value, str) and value in choices
+    else:
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        ok = integer if kind == "int" else integer or (isinstance(value, float) and math.isfinite(value))
+        expected = "an integer" if kind == "int" else "a finite number"
+        if at_least is not None and below is not None:
+            expected, ok = f"in [{at_least}, {below})", ok and at_least <= value < below
+        elif at_least is not None:
+            expected, ok = f"{expected} >= {at_least}", ok and value >= at_least
+        elif above is not None:
+            expected, ok = f"{expected} > {above}", ok and value > above
+    if not ok:
+        expected = f"None or {expected}" if optional else expected
+        raise ValueError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    return value
+
+
 def _check_targets(target_modules):
     if target_modules is None:
         return None
     if isinstance(target_modules, str):
         target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
-    targets = list(target_modules)
-    if not targets or not all(isinstance(t, str) and t for t in targets):
+    if isinstance(target_modules, (set, frozenset)):
+        target_modules = sorted(target_modules, key=str)
+    if (
+        not isinstance(target_modules, (list, tuple))
+        or not target_modules
+        or not all(isinstance(t, str) and t for t in target_modules)
+    ):
         raise ValueError(
-            f"target_modules must be None or a non-empty list of module names, got {target_modules!r}"
+            "target_modules must be None or a non-empty list of module names (or one comma-separated "
+            f"string), got {target_modules!r} ({type(target_modules).__name__})"
         )
-    return targets
+    return list(target_modules)
 
 
 @dataclass
@@ -38,18 +73,13 @@ class LoraConfig:
     adapter_type: str = field(default="lora", init=False)
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r (the LoRA rank) must be an integer >= 1, got {self.r!r}")
-        if (
-            not isinstance(self.lora_alpha, (int, float))
-            or not math.isfinite(self.lora_alpha)
-            or self.lora_alpha <= 0
-        ):
-            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        check_field("r (the LoRA rank)", self.r, "int", at_least=1)
+        check_field("lora_alpha", self.lora_alpha, "number", above=0)
+        check_field("lora_dropout", self.lora_dropout, "number", at_least=0, below=1)
         if self.bias != "none":
             raise ValueError(f"bias must be 'none' (trainable biases are not supported), got {self.bias!r}")
+        check_field("use_rslora", self.use_rslora, "bool")
+        check_field("init_lora_weights", self.init_lora_weights, "bool")
         self.target_modules = _check_targets(self.target_modules)
 
     @property
@@ -83,33 +113,25 @@ class BottleneckConfig:
     adapter_type: str = field(default="bottleneck", init=False)
 
     def __post_init__(self):
-        size = self.bottleneck_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"bottleneck_size must be an integer >= 1, got {size!r}")
-        if self.non_linearity not in BOTTLENECK_ACTIVATIONS:
-            acts = BOTTLENECK_ACTIVATIONS
-            raise ValueError(f"non_linearity must be one of {acts}, got {self.non_linearity!r}")
-        p = self.adapter_dropout
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-            raise ValueError(f"adapter_dropout must be in [0, 1), got {p!r}")
+        check_field("bottleneck_size", self.bottleneck_size, "int", at_least=1)
+        check_field("non_linearity", self.non_linearity, "choice", choices=BOTTLENECK_ACTIVATIONS)
+        check_field("adapter_dropout", self.adapter_dropout, "number", at_least=0, below=1)
         s = self.scaling
         if isinstance(s, str):
             if s != "learned":
                 raise ValueError(f"scaling must be a finite number or 'learned', got {s!r}")
         elif isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-            raise ValueError(f"scaling must be a finite number or 'learned', got {s!r}")
+            raise ValueError(f"scaling must be a finite number or 'learned', got {s!r} ({type(s).__name__})")
         else:
             self.scaling = float(s)
         for flag in ("use_parallel_adapter", "use_adapterp"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+            check_field(flag, getattr(self, flag), "bool")
         if self.use_parallel_adapter and self.use_adapterp:
             raise ValueError(
                 "use_parallel_adapter and use_adapterp are exclusive: a parallel adapter sits beside each "
                 "target, AdapterP is a series adapter after the MLP; set one of them"
             )
-        if self.init_weights not in ("bert", "mam_adapter"):
-            raise ValueError(f"init_weights must be 'bert' or 'mam_adapter', got {self.init_weights!r}")
+        check_field("init_weights", self.init_weights, "choice", choices=("bert", "mam_adapter"))
         self.target_modules = _check_targets(self.target_modules)
 
     @property
@@ -121,15 +143,11 @@ CONFIG_TYPES["bottleneck"] = BottleneckConfig
 
 
 def _check_virtual_tokens(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"num_virtual_tokens must be an integer >= 1, got {n!r}")
-    return n
+    return check_field("num_virtual_tokens", n, "int", at_least=1)
 
 
 def _check_optional_size(name: str, n):
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"{name} must be None or an integer >= 1, got {n!r}")
-    return n
+    return check_field(name, n, "int", at_least=1, optional=True)
 
 
 @dataclass
@@ -147,8 +165,7 @@ class PrefixConfig:
 
     def __post_init__(self):
         _check_virtual_tokens(self.num_virtual_tokens)
-        if not isinstance(self.prefix_projection, bool):
-            raise ValueError(f"prefix_projection must be True or False, got {self.prefix_projection!r}")
+        check_field("prefix_projection", self.prefix_projection, "bool")
         _check_optional_size("encoder_hidden_size", self.encoder_hidden_size)
 
 
@@ -170,9 +187,10 @@ class PromptTuningConfig:
 
     def __post_init__(self, tokenizer):
         _check_virtual_tokens(self.num_virtual_tokens)
-        if self.init not in ("random", "text"):
-            raise ValueError(f"init must be 'random' or 'text', got {self.init!r}")
-        if self.init == "random":
+        check_field("init", self.init, "choice", choices=("random", "text"))
+        if self.init_text is not None and not isinstance(self.init_text, str):
+            raise ValueError(f"init_text must be None or a string, got {self.init_text!r}")
+        if self.init == "random" and self.init_token_ids is None:
             return
         if self.init_token_ids is None:
             if not isinstance(self.init_text, str) or not self.init_text:
@@ -183,7 +201,11 @@ class PromptTuningConfig:
                 )
             self.init_token_ids = list(tokenizer(self.init_text, add_special_tokens=False)["input_ids"])
         ids = self.init_token_ids
-        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        if (
+            not isinstance(ids, (list, tuple))
+            or not ids
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+        ):
             raise ValueError(f"init_token_ids must be a non-empty list of token ids, got {ids!r}")
         self.init_token_ids = list(ids)
 
@@ -202,8 +224,7 @@ class PTuningConfig:
 
     def __post_init__(self):
         _check_virtual_tokens(self.num_virtual_tokens)
-        if self.encoder not in ("mlp", "lstm"):
-            raise ValueError(f"encoder must be 'mlp' or 'lstm', got {self.encoder!r}")
+        check_field("encoder", self.encoder, "choice", choices=("mlp", "lstm"))
         _check_optional_size("encoder_hidden_size", self.encoder_hidden_size)
 
 
@@ -215,13 +236,23 @@ def config_to_dict(config) -> dict:
 
 
 def config_from_dict(data: dict):
-    """Rebuilds a config saved by `config_to_dict`; unknown types or fields raise ValueError."""
-    if not isinstance(data, dict) or data.get("adapter_type") not in CONFIG_TYPES:
-        kind = data.get("adapter_type") if isinstance(data, dict) else data
+    """Rebuilds a config saved by `config_to_dict`, every field type-checked; bad data raises ValueError."""
+    kind = data.get("adapter_type") if isinstance(data, dict) else data
+    if not isinstance(kind, str) or kind not in CONFIG_TYPES:
         raise ValueError(f"adapter_type must be one of {sorted(CONFIG_TYPES)}, got {kind!r}")
-    cls = CONFIG_TYPES[data["adapter_type"]]
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    cls = CONFIG_TYPES[kind]
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = {f.name for f in fields}
     unknown = set(data) - names - {"adapter_type"}
     if unknown:
         raise ValueError(f"unknown fields for {cls.__name__}: {sorted(unknown)}")
+    required = [
+        f.name
+        for f in fields
+        if f.name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if required:
+        raise ValueError(f"{cls.__name__} needs the field(s) {required}, missing")
     return cls(**{k: v for k, v in data.items() if k in names})

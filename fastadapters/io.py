@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fastadapters.config import LoraConfig, config_from_dict, config_to_dict
+from fastadapters.config import LoraConfig, _check_targets, config_from_dict, config_to_dict
 from fastadapters.patch import _config, adapter_named_parameters, apply, check_bare, check_state, remove
 
 CONFIG_NAME = "fastadapters_config.json"
@@ -53,15 +53,25 @@ def _read_json(path: str) -> dict:
         raise FileNotFoundError(f"adapter config not found: {path}")
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"adapter config {path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"adapter config {path} cannot be read: {exc.strerror}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"adapter config {path} must hold a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def read_weights(path: str) -> dict[str, torch.Tensor]:
     """Loads a safetensors file, turning a missing, truncated or corrupted file into a clear error."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"adapter weights not found: {path}")
+    try:  # an unreadable file (permissions) is not a corrupted one: say so before safetensors reads it
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"adapter weights {path} cannot be read: {exc.strerror}") from None
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
@@ -72,12 +82,24 @@ def read_adapter(directory: str):
     """(config, state dict, base-model signature) of a fastadapters adapter folder; the model is untouched."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"adapter directory not found: {directory}")
-    meta = _read_json(os.path.join(directory, CONFIG_NAME))
-    if not isinstance(meta, dict) or "config" not in meta:
-        raise ValueError(f"{os.path.join(directory, CONFIG_NAME)} has no 'config' entry")
-    config = config_from_dict(meta["config"])
+    path = os.path.join(directory, CONFIG_NAME)
+    meta = _read_json(path)
+    if "config" not in meta:
+        raise ValueError(f"{path} has no 'config' entry")
+    try:
+        config = config_from_dict(meta["config"])
+    except ValueError as exc:
+        raise ValueError(f"adapter config {path}, field 'config': {exc}") from None
+    base = meta.get("base_model", {})
+    if not isinstance(base, dict) or not all(
+        isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in base.values()
+    ):
+        raise ValueError(
+            f"adapter config {path}, field 'base_model' must be an object of the base model's "
+            f"model_type, hidden_size, ... (strings and numbers), got {base!r}"
+        )
     state = read_weights(os.path.join(directory, WEIGHTS_NAME))
-    return config, state, meta.get("base_model", {})
+    return config, state, base
 
 
 def check_base(model: nn.Module, saved: dict, directory: str) -> None:
@@ -95,6 +117,16 @@ def _fill(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             p.copy_(state[name])
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Raises ValueError naming the tensors of `state` that hold NaN or inf."""
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise ValueError(
+            f"adapter weights in {source} hold NaN or inf in {len(bad)} tensor(s): {bad[:5]}"
+            f"{'...' if len(bad) > 5 else ''}"
+        )
+
+
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Copies `state` into the model's adapter parameters; keys and shapes must be exactly those of
     fastadapters.patch.expected_state for the model's adapter config."""
@@ -106,6 +138,7 @@ def _apply_and_fill(model: nn.Module, config, state: dict, source: str) -> nn.Mo
     """Checks `state` against `config` on the bare model, then applies the config and fills it in."""
     check_bare(model)
     check_state(model, config, state, f"adapter in {source}")
+    check_finite(state, source)
     apply(model, config)
     try:
         _fill(model, state)
@@ -166,7 +199,8 @@ def read_peft(directory: str):
     """(LoraConfig, state dict keyed by module path) of a PEFT LoRA folder; unsupported options raise."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"adapter directory not found: {directory}")
-    cfg = _read_json(os.path.join(directory, PEFT_CONFIG_NAME))
+    path = os.path.join(directory, PEFT_CONFIG_NAME)
+    cfg = _read_json(path)
     if cfg.get("peft_type") != "LORA":
         raise ValueError(
             f"{directory} holds a {cfg.get('peft_type')!r} adapter; only PEFT LoRA can be loaded"
@@ -181,6 +215,21 @@ def read_peft(directory: str):
             raise ValueError(f"PEFT option {key}={cfg[key]!r} in {directory} is not supported")
     if cfg.get("bias", "none") != "none":
         raise ValueError(f"PEFT option bias={cfg['bias']!r} in {directory} is not supported")
+    missing = [k for k in ("r", "lora_alpha") if k not in cfg]
+    if missing:
+        raise ValueError(f"PEFT adapter config {path} has no field {missing[0]!r} (the LoRA rank / alpha)")
+    try:
+        targets = cfg.get("target_modules")
+        if targets is not None and not isinstance(targets, str):  # PEFT also allows one regex string
+            _check_targets(targets)
+        config = LoraConfig(  # the raw values: LoraConfig checks their types (no int()/bool() coercion)
+            r=cfg["r"],
+            lora_alpha=cfg["lora_alpha"],
+            lora_dropout=cfg.get("lora_dropout", 0.0),
+            use_rslora=cfg.get("use_rslora", False),
+        )
+    except ValueError as exc:
+        raise ValueError(f"PEFT adapter config {path}: {exc}") from None
     raw = read_weights(os.path.join(directory, PEFT_WEIGHTS_NAME))
     state = {}
     for key, value in raw.items():
@@ -192,14 +241,9 @@ def read_peft(directory: str):
         # PEFT may keep the adapter name in the key (lora_A.default.weight); our layout drops it.
         name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
         state[name] = value
-    modules = sorted({k.rsplit(".", 2)[0] for k in state})
-    config = LoraConfig(
-        r=int(cfg["r"]),
-        lora_alpha=cfg["lora_alpha"],
-        lora_dropout=float(cfg.get("lora_dropout", 0.0)),
-        target_modules=modules,
-        use_rslora=bool(cfg.get("use_rslora", False)),
-    )
+    if not state:
+        raise ValueError(f"{os.path.join(directory, PEFT_WEIGHTS_NAME)} holds no LoRA tensors")
+    config.target_modules = _check_targets(sorted({k.rsplit(".", 2)[0] for k in state}))
     return config, state
 
 

@@ -48,6 +48,7 @@ class LoraLinear(AdapterModule):
         self.lora_B = nn.Linear(r, d_out, bias=False, device=w.device, dtype=dtype)
         self.r, self.scale, self.dropout_p = r, scale, dropout_p
         self.merged = False
+        self.merged_base: torch.Tensor | None = None  # the base weight as it was before merge, if kept
         self.group: LoraGroup | None = None
         if init_weights and w.device.type != "meta":
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -70,7 +71,10 @@ class LoraLinear(AdapterModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return self.base_layer(x)
+            y = self.base_layer(x)
+            if torch.is_grad_enabled() and self.lora_A.weight.requires_grad:
+                y = _MergedLora.apply(y, self.lora_A.weight)  # backward would leave A and B without gradient
+            return y
         if self.group is not None and not torch.compiler.is_compiling():
             return self.group.output(self, x)
         dtype = compute_dtype(x, self.base_layer.weight)
@@ -82,16 +86,43 @@ class LoraLinear(AdapterModule):
         return (delta.T if self.fan_in_fan_out else delta).to(self.base_layer.weight.dtype)
 
     @torch.no_grad()
-    def merge(self):
+    def merge(self, keep_base: bool | str = True):
+        """Adds scale·BA into the base weight. keep_base=True keeps a copy of the weight as it was (its dtype,
+        its device), "cpu" keeps it on the CPU, False keeps none."""
         if not self.merged:
-            self.base_layer.weight += self.delta_weight()
+            w = self.base_layer.weight
+            if keep_base is not False:
+                self.merged_base = w.detach().to("cpu" if keep_base == "cpu" else w.device, copy=True)
+            w += self.delta_weight()
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
+        """Puts back the base weight kept by merge, bit for bit; without a kept copy, subtracts scale·BA
+        (the base weight then differs from the original by the rounding of its dtype)."""
         if self.merged:
-            self.base_layer.weight -= self.delta_weight()
+            if self.merged_base is not None:
+                self.base_layer.weight.copy_(self.merged_base)
+            else:
+                self.base_layer.weight -= self.delta_weight()
+            self.merged_base = None
             self.merged = False
+
+
+class _MergedLora(torch.autograd.Function):
+    """Identity on a merged LoRA layer's output whose backward refuses: merged, A and B get no gradient."""
+
+    @staticmethod
+    def forward(ctx, y, lora_weight):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(
+            "backward through a merged LoRA layer: its adapter weights are folded into the base weight and "
+            "would get no gradient; call fastadapters.unmerge(model) before training (or run the merged "
+            "model under torch.no_grad())"
+        )
 
 
 class LoraGroup:

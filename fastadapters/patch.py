@@ -162,9 +162,14 @@ def check_state(model: nn.Module, config, state: dict, where: str) -> dict[str, 
 
 
 def check_bare(model: nn.Module) -> None:
-    """Raises ValueError when `model` already has a fastadapters adapter."""
+    """Raises ValueError when `model` already has a fastadapters adapter, or an AdapterBank serves it."""
     if getattr(model, "fastadapters_config", None) is not None:
         raise ValueError("model already has a fastadapters adapter; call fastadapters.remove(model) first")
+    if getattr(model, "fastadapters_bank", None) is not None:  # set by AdapterBank(model)
+        raise ValueError(
+            "model is served by an AdapterBank, and an adapter applied to it would change the bank's "
+            "outputs; add the adapter to the bank (bank.load / bank.add) or apply it to a copy of the model"
+        )
 
 
 def apply(model: nn.Module, config) -> nn.Module:
@@ -188,6 +193,17 @@ def apply(model: nn.Module, config) -> nn.Module:
 def remove(model: nn.Module) -> nn.Module:
     """Removes the adapter (unmerging first) and restores the base model and its requires_grad flags."""
     config = _config(model)
+    lossy = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, LoraLinear) and m.merged and m.merged_base is None
+    ]
+    if lossy:
+        raise ValueError(
+            f"the model was merged with keep_base=False ({len(lossy)} layers, e.g. {lossy[0]!r}), so its "
+            "base weights cannot be restored exactly; call fastadapters.unmerge(model) first (it subtracts "
+            "the adapter again: the weights come back up to rounding in their dtype), then remove"
+        )
     _, drop = ADAPTER_KINDS[type(config)]
     drop(model)
     for n, p in model.named_parameters():
@@ -209,15 +225,23 @@ def _lora_layers(model: nn.Module) -> list[LoraLinear]:
     return [m for m in model.modules() if isinstance(m, LoraLinear)]
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Folds scale·BA into each base weight; forward then runs the base layers only."""
+def merge(model: nn.Module, keep_base: bool | str = True) -> nn.Module:
+    """Folds scale·BA into each base weight; forward then runs the base layers only.
+
+    keep_base=True keeps a copy of each targeted base weight (its dtype, its device) so that unmerge and
+    remove restore it bit for bit; "cpu" keeps the copies in CPU memory; False keeps none (remove then
+    refuses until unmerge, which subtracts scale·BA and so restores the weights only up to rounding).
+    """
+    if not (keep_base is True or keep_base is False or keep_base == "cpu"):
+        raise ValueError(f"keep_base must be True, False or 'cpu', got {keep_base!r}")
     for layer in _lora_layers(model):
-        layer.merge()
+        layer.merge(keep_base)
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undoes `merge`."""
+    """Undoes `merge`: the base weights merge kept come back bit for bit (with keep_base=False, scale·BA is
+    subtracted, up to rounding); forward then runs base + adapter again."""
     for layer in _lora_layers(model):
         layer.unmerge()
     return model

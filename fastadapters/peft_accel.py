@@ -89,6 +89,11 @@ def accelerate(peft_model: nn.Module, verbose: bool = True) -> nn.Module:
     Prints one summary line (accelerated, left on PEFT's path and why) unless verbose=False; the line is
     also kept as `peft_model.fastadapters_summary`.
     """
+    if not isinstance(peft_model, nn.Module):
+        raise TypeError(
+            f"peft_model must be a torch.nn.Module (a model from peft.get_peft_model or "
+            f"PeftModel.from_pretrained), got {type(peft_model).__name__}"
+        )
     accelerated, skipped = 0, Counter()
     for module in peft_model.modules():
         if not isinstance(module, BaseTunerLayer):

@@ -18,6 +18,7 @@ and positions), puts -100 in the labels there and extends the attention mask; a 
 P virtual positions from the returned logits, so logits line up with input_ids.
 """
 
+import copy
 import math
 import types
 
@@ -132,7 +133,12 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     causal = getattr(module, "is_causal", True) if causal is None else causal
     if attention_mask is not None and attention_mask.dim() == 4:
         causal = False  # transformers' 4-D masks carry the causal pattern themselves
-    prefix_k, prefix_v = prefix.key_value(query.dtype)
+    dtype = query.dtype
+    # Under autocast, rotary embeddings leave q and k in fp32 and v in autocast's dtype: attend in the latter.
+    if torch.is_autocast_enabled(query.device.type):
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    prefix_k, prefix_v = prefix.key_value(dtype)
     out = ops.prefix_attention(
         query, key, value, prefix_k, prefix_v, attention_mask=attention_mask, causal=causal, scale=scaling
     )
@@ -271,6 +277,16 @@ def apply_prefix(model: nn.Module, config: PrefixConfig, families: dict = PREFIX
             setattr(module, PREFIX_ATTR, added[f"{path}.{PREFIX_ATTR}"])
     if route == "registry":
         register_attention()
+        # set_attn_implementation writes into model.config, which models built from one config object share:
+        # this model (and its submodules that hold the same config objects) first gets a copy of its own.
+        from transformers import PretrainedConfig
+
+        copies = {}
+        copy.deepcopy(model.config, copies)
+        for module in model.modules():
+            shared = module.__dict__.get("config")
+            if isinstance(shared, PretrainedConfig) and id(shared) in copies:
+                module.config = copies[id(shared)]
         model._fastadapters_previous_attention = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION_NAME)
     else:
@@ -423,10 +439,17 @@ def _prompt_post_hook(model, args, kwargs, output):
 
 
 def _input_embedding_weight(model: nn.Module) -> torch.Tensor:
-    embeddings = model.get_input_embeddings()
-    if embeddings is None:
-        raise ValueError(f"{type(model).__name__} has no input embeddings to prepend virtual tokens to")
-    return embeddings.weight
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embeddings = None
+    weight = getattr(embeddings, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(
+            f"{type(model).__name__} has no input embeddings (get_input_embeddings() returning an "
+            "nn.Embedding) to prepend virtual tokens to; prompt tuning and P-tuning need one"
+        )
+    return weight
 
 
 def build_prompt(config, hidden: int, device, dtype) -> AdapterModule:

@@ -366,6 +366,11 @@ def test_trainer_lowers_loss(tmp_path, mode):
         (dict(adapter_dropout=1.0), "adapter_dropout must be in"),
         (dict(init_weights="xavier"), "init_weights must be"),
         (dict(target_modules=[]), "target_modules must be None or a non-empty list"),
+        (dict(target_modules=5), "target_modules must be None or a non-empty list"),
+        (dict(bottleneck_size=True), "bottleneck_size must be an integer >= 1"),
+        (dict(adapter_dropout="0.1"), r"adapter_dropout must be in \[0, 1\), got '0.1' \(str\)"),
+        (dict(use_parallel_adapter="false"), "use_parallel_adapter must be True or False"),
+        (dict(non_linearity=["relu"]), "non_linearity must be one of"),
     ],
 )
 def test_bad_config(kwargs, message):

@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 from models import tiny_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_lora_models import all_linear_targets, assert_same, assert_untouched, inputs, make_pair, snapshot
 
 import fastadapters
@@ -108,6 +108,28 @@ def _edit_json(path, **changes):
     path.write_text(json.dumps(cfg))
 
 
+def _write_json(path, data):
+    path.write_text(json.dumps(data))
+
+
+def _edit_top(path, drop=(), **changes):
+    """Edits the config file's top level (fastadapters' meta entries, or PEFT's fields)."""
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    for key in drop:
+        del cfg[key]
+    path.write_text(json.dumps(cfg))
+
+
+def _poison(path, value=float("nan")):
+    """Writes `value` into one element of the second tensor (in sorted key order) of a weights file."""
+    state = load_file(path)
+    key = sorted(state)[1]
+    state[key].view(-1)[3] = value
+    save_file(state, path)
+    return key
+
+
 # (folder, loader, how to break the copy, error, words the message must contain)
 BAD_FILES = {
     "fa-missing-weights": (
@@ -204,6 +226,77 @@ BAD_FILES = {
         ValueError,
         ["dora"],
     ),
+    # Config fields of the wrong type: one clear error naming the file, the field and what was expected.
+    "fa-rslora-string": (
+        "fa",
+        "load",
+        lambda d: _edit_json(d / CONFIG_NAME, use_rslora="false"),
+        ValueError,
+        [CONFIG_NAME, "use_rslora", "True or False", "'false'"],
+    ),
+    "fa-targets-int": (
+        "fa",
+        "load",
+        lambda d: _edit_json(d / CONFIG_NAME, target_modules=5),
+        ValueError,
+        [CONFIG_NAME, "target_modules", "list of module names"],
+    ),
+    "fa-base-model-list": (
+        "fa",
+        "load",
+        lambda d: _edit_top(d / CONFIG_NAME, base_model=["llama", 64]),
+        ValueError,
+        [CONFIG_NAME, "base_model", "model_type"],
+    ),
+    "fa-config-list": (
+        "fa",
+        "load",
+        lambda d: _write_json(d / CONFIG_NAME, [1, 2]),
+        ValueError,
+        [CONFIG_NAME, "JSON object", "list"],
+    ),
+    "peft-no-r": (
+        "peft",
+        "load_peft",
+        lambda d: _edit_top(d / PEFT_CONFIG_NAME, drop=["r"]),
+        ValueError,
+        [PEFT_CONFIG_NAME, "'r'"],
+    ),
+    "peft-config-list": (
+        "peft",
+        "load_peft",
+        lambda d: _write_json(d / PEFT_CONFIG_NAME, [{"r": 4}]),
+        ValueError,
+        [PEFT_CONFIG_NAME, "JSON object", "list"],
+    ),
+    "peft-r-string": (
+        "peft",
+        "load_peft",
+        lambda d: _edit_json(d / PEFT_CONFIG_NAME, r="abc"),
+        ValueError,
+        [PEFT_CONFIG_NAME, "r (the LoRA rank)", "integer", "'abc'"],
+    ),
+    "peft-dropout-string": (
+        "peft",
+        "load_peft",
+        lambda d: _edit_json(d / PEFT_CONFIG_NAME, lora_dropout="x"),
+        ValueError,
+        [PEFT_CONFIG_NAME, "lora_dropout", "[0, 1)", "'x'"],
+    ),
+    "peft-rslora-string": (
+        "peft",
+        "load_peft",
+        lambda d: _edit_json(d / PEFT_CONFIG_NAME, use_rslora="false"),
+        ValueError,
+        [PEFT_CONFIG_NAME, "use_rslora", "True or False"],
+    ),
+    "peft-targets-int": (
+        "peft",
+        "load_peft",
+        lambda d: _edit_json(d / PEFT_CONFIG_NAME, target_modules=5),
+        ValueError,
+        [PEFT_CONFIG_NAME, "target_modules", "list of module names"],
+    ),
 }
 
 
@@ -221,6 +314,50 @@ def test_bad_adapter_files(case, saved, tmp_path):
         assert w in str(info.value), f"{w!r} not in {info.value}"
     assert_untouched(model, before)
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("loader, value", [("load", float("nan")), ("load_peft", float("-inf"))])
+def test_nonfinite_weights_are_named(loader, value, saved, tmp_path):
+    """NaN or inf in an adapter file is refused, naming the tensor (PEFT's key for load_peft)."""
+    base, _, root = saved
+    folder, weights = ("fa", WEIGHTS_NAME) if loader == "load" else ("peft", PEFT_WEIGHTS_NAME)
+    bad = _copy_folder(root / folder, tmp_path / "bad")
+    key = _poison(bad / weights, value)
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="NaN or inf in 1 tensor") as info:
+        getattr(fastadapters, loader)(model, bad)
+    assert key.removeprefix("base_model.model.").replace(".default.", ".") in str(info.value)
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("loader", ["load", "load_peft"])
+@pytest.mark.parametrize("unreadable", ["config", "weights"])
+def test_unreadable_file_says_so(loader, unreadable, saved, tmp_path, monkeypatch):
+    """A file that cannot be opened (permissions) raises PermissionError naming it, not 'corrupted'."""
+    base, _, root = saved
+    folder = "fa" if loader == "load" else "peft"
+    bad = _copy_folder(root / folder, tmp_path / "bad")
+    names = {"load": (CONFIG_NAME, WEIGHTS_NAME), "load_peft": (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)}[loader]
+    path = bad / names[unreadable == "weights"]
+    path.chmod(0)
+    if os.geteuid() == 0:  # root reads any file: deny the open the way the OS would for anyone else
+        real_open = open
+
+        def denying_open(file, *args, **kwargs):
+            if os.fspath(file) == os.fspath(path):
+                raise PermissionError(13, "Permission denied", os.fspath(file))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(fastadapters.io, "open", denying_open, raising=False)
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(PermissionError) as info:
+        getattr(fastadapters, loader)(model, bad)
+    message = str(info.value)
+    assert "cannot be read" in message and "Permission denied" in message and str(path) in message
+    assert "corrupted" not in message
+    assert_untouched(model, before)
 
 
 @pytest.mark.parametrize("loader", ["load", "load_peft"])

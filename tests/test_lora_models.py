@@ -313,6 +313,28 @@ class _Mystery(torch.nn.Module):
         (lambda: fastadapters.LoraConfig(lora_alpha=-1), ValueError, ["lora_alpha"]),
         (lambda: fastadapters.LoraConfig(lora_dropout=1.0), ValueError, ["lora_dropout"]),
         (lambda: fastadapters.LoraConfig(target_modules=[]), ValueError, ["target_modules"]),
+        # Types are checked: bools are real bools, ints are not bools, numbers are finite.
+        (
+            lambda: fastadapters.LoraConfig(use_rslora="no"),
+            ValueError,
+            ["use_rslora", "True or False", "'no'"],
+        ),
+        (
+            lambda: fastadapters.LoraConfig(init_lora_weights=1),
+            ValueError,
+            ["init_lora_weights", "True or False"],
+        ),
+        (
+            lambda: fastadapters.LoraConfig(target_modules=5),
+            ValueError,
+            ["target_modules", "list", "5 (int)"],
+        ),
+        (lambda: fastadapters.LoraConfig(r=True), ValueError, ["r ", "integer", "True"]),
+        (lambda: fastadapters.LoraConfig(r="abc"), ValueError, ["r ", "integer", "'abc' (str)"]),
+        (lambda: fastadapters.LoraConfig(lora_alpha=True), ValueError, ["lora_alpha", "number", "True"]),
+        (lambda: fastadapters.LoraConfig(lora_alpha=float("nan")), ValueError, ["lora_alpha", "finite"]),
+        (lambda: fastadapters.LoraConfig(lora_dropout="x"), ValueError, ["lora_dropout", "[0, 1)", "'x'"]),
+        (lambda: fastadapters.LoraConfig(lora_dropout=float("nan")), ValueError, ["lora_dropout", "nan"]),
     ],
 )
 def test_bad_config_values(make_config, error, words):
@@ -390,3 +412,109 @@ def test_remove_restores_model():
         assert_close(after[k], v, name=k)
     with pytest.raises(ValueError, match="no fastadapters adapter"):
         fastadapters.remove(model)
+
+
+def test_apply_to_a_bank_served_model_refused():
+    """An AdapterBank serves its model in place: fa.apply (or fa.load) would change the bank's outputs."""
+    model = tiny_model("llama")
+    fastadapters.AdapterBank(model)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="served by an AdapterBank.*bank.load"):
+        fastadapters.apply(model, fastadapters.LoraConfig(r=2))
+    assert_untouched(model, before)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# merge / unmerge / remove: the base weights come back bit for bit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_merge_remove_restores_base_bit_for_bit(dtype):
+    """50 cycles of apply -> merge -> remove (rank 16 on every linear layer) leave every base weight
+    bit-identical; so do 50 merge -> unmerge cycles of one adapter, and its outputs stay those before."""
+    model = tiny_model("llama", dtype=dtype)
+    before = snapshot(model)
+    targets = all_linear_targets(model)
+    config = fastadapters.LoraConfig(r=16, lora_alpha=32, target_modules=targets)
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    for cycle in range(50):
+        fastadapters.apply(model, config)
+        randomize_adapter(model, seed=cycle)
+        fastadapters.merge(model)
+        assert not torch.equal(
+            model.state_dict()[q_proj.replace(".weight", ".base_layer.weight")], before[q_proj]
+        )
+        fastadapters.remove(model)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"{k} differs after 50 merge -> remove cycles ({dtype})"
+
+    fastadapters.apply(model, config)
+    randomize_adapter(model)
+    ids = inputs()
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        for _ in range(50):
+            fastadapters.merge(model)
+            fastadapters.unmerge(model)
+        assert torch.equal(model(ids).logits, unmerged), (
+            f"outputs changed after 50 merge -> unmerge ({dtype})"
+        )
+    fastadapters.remove(model)
+    assert_untouched(model, before)
+
+
+def test_merge_keep_base_options():
+    """keep_base="cpu" keeps the copies on the CPU in the weight's dtype (exact restore); keep_base=False
+    keeps none: remove refuses and leaves the merged model as it was; unmerge subtracts (close, not exact)."""
+    model = tiny_model("gpt2", dtype=torch.bfloat16)  # Conv1D layout, a low-precision dtype
+    before = snapshot(model)
+    config = fastadapters.LoraConfig(r=8, target_modules=all_linear_targets(model))
+    fastadapters.apply(model, config)
+    randomize_adapter(model)
+    fastadapters.merge(model, keep_base="cpu")
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert layers and all(m.merged_base.device.type == "cpu" for m in layers)
+    assert all(m.merged_base.dtype == torch.bfloat16 for m in layers)
+    fastadapters.remove(model)
+    assert_untouched(model, before)
+
+    fastadapters.apply(model, config)
+    randomize_adapter(model)
+    fastadapters.merge(model, keep_base=False)
+    assert all(m.merged and m.merged_base is None for m in model.modules() if isinstance(m, LoraLinear))
+    merged = snapshot(model)
+    with pytest.raises(ValueError, match="keep_base=False.*unmerge"):
+        fastadapters.remove(model)
+    assert model.fastadapters_config is config
+    after = model.state_dict()
+    assert set(after) == set(merged) and all(torch.equal(after[k], v) for k, v in merged.items())
+    fastadapters.unmerge(model)
+    fastadapters.remove(model)
+    for k, v in before.items():
+        assert_close(model.state_dict()[k], v, torch.bfloat16, name=f"{k} after keep_base=False unmerge")
+
+    fastadapters.apply(model, config)
+    for bad in ("gpu", None, 1):
+        with pytest.raises(ValueError, match="keep_base must be True, False or 'cpu'"):
+            fastadapters.merge(model, keep_base=bad)
+    assert not any(m.merged for m in model.modules() if isinstance(m, LoraLinear))
+
+
+def test_backward_through_merged_lora_refused():
+    """A merged adapter would get no gradient: backward says so; no_grad inference and unmerge still work."""
+    model = fastadapters.apply(tiny_model("llama"), fastadapters.LoraConfig(r=4))
+    randomize_adapter(model)
+    ids = inputs()
+    fastadapters.merge(model)
+    loss = model(ids, labels=ids).loss
+    with pytest.raises(RuntimeError, match="backward through a merged LoRA layer.*unmerge"):
+        loss.backward()
+    with torch.no_grad():
+        merged = model(ids).logits
+    fastadapters.unmerge(model)
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for _, p in adapter_named_parameters(model))
+    with torch.no_grad():
+        assert_close(model(ids).logits, merged, torch.float32, name="unmerged vs merged logits")

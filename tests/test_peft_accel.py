@@ -159,6 +159,12 @@ def test_nothing_accelerated_is_said(capsys):
     assert "0 LoRA layers accelerated, 4 left on PEFT" in err and "nothing was accelerated" in err, err
 
 
+@pytest.mark.parametrize("not_a_model", [None, "model", {"lora_A": 1}])
+def test_accelerate_refuses_what_is_not_a_model(not_a_model):
+    with pytest.raises(TypeError, match=r"peft_model must be a torch.nn.Module .*got (NoneType|str|dict)"):
+        fastadapters.accelerate(not_a_model)
+
+
 def test_deaccelerate_restores_peft_classes():
     fast, plain = peft_pair("gpt2")
     fastadapters.accelerate(fast, verbose=False)

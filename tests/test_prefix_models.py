@@ -173,6 +173,58 @@ def test_prefix_gradients_flow_and_training_lowers_the_loss():
     assert loss.item() < first - 0.05
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gptj", "bloom"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_prefix_under_autocast(family, dtype):
+    """fp32 weights under CPU autocast: rotary embeddings leave q and k in fp32 and v in `dtype`; attention
+    runs in autocast's dtype, its logits match fp32's within that dtype's tolerance, and gradients reach
+    the (fp32) prefix."""
+    model = patched(family)
+    ids, mask = left_padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    keep = mask.bool()
+    assert_close(out.logits[keep], full[keep], dtype, name=f"{family} logits under {dtype} autocast")
+    out.loss.backward()
+    grads = [p.grad for _, p in adapter_named_parameters(model)]
+    assert all(
+        g is not None and g.dtype == F32 and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prefix_leaves_a_model_sharing_its_config_alone(family, tmp_path):
+    """Two models built from one config object: apply / load of a prefix on one must not switch the other's
+    attention implementation (transformers' set_attn_implementation writes into the config)."""
+    from models import tiny_config
+
+    cfg = tiny_config(family)
+    models = []
+    for _ in range(3):  # three identical models that share `cfg`
+        torch.manual_seed(0)
+        models.append(transformers.AutoModelForCausalLM.from_config(cfg).eval())
+    prefixed, other, loaded = models
+    assert other.config is cfg and prefixed.config is cfg
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        before = other(input_ids=ids, attention_mask=mask).logits
+    fa.apply(prefixed, fa.PrefixConfig(num_virtual_tokens=P))
+    fa.save(prefixed, tmp_path)
+    fa.load(loaded, tmp_path)
+    assert prefixed.config._attn_implementation == prefix_mod.ATTENTION_NAME
+    assert other.config._attn_implementation != prefix_mod.ATTENTION_NAME
+    with torch.no_grad():
+        assert torch.equal(other(input_ids=ids, attention_mask=mask).logits, before)
+        assert_close(loaded(input_ids=ids).logits, prefixed(input_ids=ids).logits, F32, name="loaded logits")
+    fa.remove(prefixed)
+    with torch.no_grad():
+        assert torch.equal(prefixed(input_ids=ids, attention_mask=mask).logits, before)
+        assert torch.equal(other(input_ids=ids, attention_mask=mask).logits, before)
+
+
 # ------------------------------------------------------------------------------------------ generate
 
 
@@ -422,6 +474,19 @@ def test_bad_configs_raise():
         fa.PromptTuningConfig(num_virtual_tokens=3, init="text", init_text="hello")
     with pytest.raises(ValueError, match="encoder"):
         fa.PTuningConfig(num_virtual_tokens=3, encoder="gru")
+    # Types are checked as a saved config would carry them: no truthy strings, no bools as ints.
+    with pytest.raises(ValueError, match=r"prefix_projection must be True or False, got 'false' \(str\)"):
+        fa.PrefixConfig(num_virtual_tokens=3, prefix_projection="false")
+    with pytest.raises(ValueError, match="num_virtual_tokens must be an integer >= 1, got True"):
+        fa.PrefixConfig(num_virtual_tokens=True)
+    with pytest.raises(ValueError, match="encoder_hidden_size must be None or an integer >= 1"):
+        fa.PTuningConfig(num_virtual_tokens=3, encoder_hidden_size="64")
+    with pytest.raises(ValueError, match="init_token_ids must be a non-empty list"):
+        fa.PromptTuningConfig(num_virtual_tokens=3, init="text", init_token_ids=5)
+    with pytest.raises(ValueError, match=r"PromptTuningConfig needs the field\(s\) \['num_virtual_tokens'\]"):
+        fa.config.config_from_dict({"adapter_type": "prompt_tuning"})
+    with pytest.raises(ValueError, match="adapter_type must be one of"):
+        fa.config.config_from_dict({"adapter_type": ["prefix"]})
 
 
 def test_prefix_of_another_model_shape_is_refused(tmp_path):
@@ -445,6 +510,26 @@ def test_unsupported_family_and_attention_dropout_raise():
     model.train()
     with pytest.raises(NotImplementedError, match="dropout"):
         model(input_ids=torch.randint(3, VOCAB, (1, 4)))
+
+
+def test_prompt_tuning_needs_input_embeddings():
+    class NoEmbeddings(torch.nn.Module):  # a model with a family but nothing to prepend embeddings to
+        config = transformers.LlamaConfig(hidden_size=8, num_attention_heads=2, num_hidden_layers=1)
+
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+    class EmbeddingsNone(NoEmbeddings):
+        def get_input_embeddings(self):
+            return None
+
+    for model in (NoEmbeddings(), EmbeddingsNone()):
+        for config in (fa.PromptTuningConfig(num_virtual_tokens=2), fa.PTuningConfig(num_virtual_tokens=2)):
+            with pytest.raises(ValueError, match=f"{type(model).__name__} has no input embeddings"):
+                fa.apply(model, config)
+            assert getattr(model, "fastadapters_config", None) is None
+            assert not hasattr(model, prefix_mod.PROMPT_ATTR)
 
 
 def test_prompt_rejects_4d_masks():
