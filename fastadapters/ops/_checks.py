@@ -51,6 +51,39 @@ def check_dropout(dropout_p) -> float:
     return float(dropout_p)
 
 
+def dropout_and_seed(dropout_p, training: bool) -> tuple[float, Tensor | None]:
+    """(dropout probability in effect, fresh seed or None): dropout_p checked, active only when training."""
+    p = check_dropout(dropout_p)
+    if not training or p == 0.0:
+        return 0.0, None
+    return p, new_seed()
+
+
 def new_seed() -> Tensor:
     """A dropout seed drawn from torch's default generator (so torch.manual_seed reproduces it)."""
     return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def int_list(name: str, values) -> list[int]:
+    if isinstance(values, Tensor):
+        values = values.tolist()
+    try:
+        out = list(values)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of ints, got {type(values).__name__}") from None
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must hold ints >= 0 (0 = no LoRA for that adapter), got {out!r}")
+    return out
+
+
+def float_list(name: str, values, n: int) -> list[float]:
+    if isinstance(values, Tensor):
+        values = values.tolist()
+    try:
+        out = list(values)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of floats, got {type(values).__name__}") from None
+    if len(out) != n:
+        raise ValueError(f"{name} must have one value per adapter ({n}), got {len(out)}")
+    return [check_scale(f"{name}[{i}]", v) for i, v in enumerate(out)]
