@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck  # noqa: E402
 
 # One per-dtype tolerance table for every op test: (atol, rtol) against the fp32 reference.
 TOLERANCES = {
@@ -20,6 +21,12 @@ TOLERANCES = {
     torch.float16: (2e-2, 2e-2),
     torch.bfloat16: (6e-2, 6e-2),
 }
+
+
+# Settings of the op tests' random-shape (hypothesis) sweeps: reproducible, no per-example deadline.
+HYPOTHESIS = dict(
+    deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def assert_close(actual, expected, dtype=None, name="output"):

@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close, op_seed, reference_mask, skip_module_without_device
-from hypothesis import HealthCheck, given, settings
+from conftest import DEVICE, HYPOTHESIS, assert_close, op_seed, reference_mask, skip_module_without_device
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastadapters import config, ops, reference
@@ -253,11 +253,6 @@ def random_case(data, dtypes):
     learned = data.draw(st.booleans(), label="learned")
     activation = data.draw(st.sampled_from(ACTIVATIONS), label="activation")
     return make_leaves((n,), d_in, b, dtype, d_out=d_out, learned=learned), activation
-
-
-HYPOTHESIS = dict(
-    deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
 
 
 @settings(max_examples=25, **HYPOTHESIS)

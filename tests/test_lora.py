@@ -9,8 +9,16 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, TOLERANCES, assert_close, op_seed, reference_mask, skip_module_without_device
-from hypothesis import HealthCheck, given, settings
+from conftest import (
+    DEVICE,
+    HYPOTHESIS,
+    TOLERANCES,
+    assert_close,
+    op_seed,
+    reference_mask,
+    skip_module_without_device,
+)
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastadapters import ops, reference
@@ -383,11 +391,6 @@ def random_case(data, dtypes):
     w_t = data.draw(st.booleans(), label="w_transposed")
     torch.manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
     return make_leaves(lead, d_in, d_out, rank, dtype, bias=bias, grad_base=grad_base, w_transposed=w_t)
-
-
-HYPOTHESIS = dict(
-    deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
 
 
 @settings(max_examples=25, **HYPOTHESIS)

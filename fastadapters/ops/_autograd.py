@@ -16,17 +16,28 @@ Grads of outputs nobody used arrive as None (never materialised as zeros).
 """
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from fastadapters.ops._dispatch import traced
 
 
+class Autograd(NamedTuple):
+    """An op's backward: setup(ctx, args, outputs); backward(ctx, grads, run) -> input grads; the backward
+    custom op's body (forward) and fake (see the module docstring)."""
+
+    setup: Callable
+    backward: Callable
+    forward: Callable
+    fake: Callable
+
+
 class Op:
     """A registered op: `op(*args)` runs it; `op.custom` is the torch.library custom op (opcheck, tests).
 
     tensor_lists: positions of the arguments that are lists of tensors (they need gradients one by one).
-    Without `backward`, the op is inference-only: asking for a gradient raises `no_backward_message`.
+    Without `autograd`, the op is inference-only: asking for a gradient raises `no_backward_message`.
     """
 
     def __init__(
@@ -36,12 +47,10 @@ class Op:
         fake: Callable,
         *,
         tensor_lists: tuple[int, ...] = (),
-        setup: Callable | None = None,
-        backward: Callable | None = None,
-        backward_forward: Callable | None = None,
-        backward_fake: Callable | None = None,
+        autograd: "Autograd | None" = None,
         no_backward_message: str = "",
     ):
+        setup, backward, backward_forward, backward_fake = autograd or (None,) * 4
         self.name, self.forward, self.setup, self.backward = name, forward, setup, backward
         self.tensor_lists = tensor_lists
         self.custom = torch.library.custom_op(f"fastadapters::{name}", forward, mutates_args=())

@@ -23,7 +23,7 @@ from torch import Tensor
 from fastadapters.ops import _activations
 from fastadapters.ops import _checks as C
 from fastadapters.ops._activations import ACTIVATIONS  # noqa: F401  (public here: the names the op takes)
-from fastadapters.ops._autograd import Op
+from fastadapters.ops._autograd import Autograd, Op
 from fastadapters.ops._dispatch import Backend, extension, no_reasons, register, select, triton_reasons
 
 # The Triton kernels' limit (kernels/bottleneck.py MAX_BOTTLENECK); the torch backend has none.
@@ -278,15 +278,8 @@ def _backward(ctx, grads, run):
     )
 
 
-BOTTLENECK_ADAPTER = Op(
-    "bottleneck_adapter",
-    _forward,
-    _fake,
-    setup=_setup,
-    backward=_backward,
-    backward_forward=_backward_forward,
-    backward_fake=_backward_fake,
-)
+_AUTOGRAD = Autograd(_setup, _backward, _backward_forward, _backward_fake)
+BOTTLENECK_ADAPTER = Op("bottleneck_adapter", _forward, _fake, autograd=_AUTOGRAD)
 _bottleneck_op = BOTTLENECK_ADAPTER.custom
 
 
@@ -333,17 +326,7 @@ def bottleneck_adapter(
     C.check_like("up_weight", up, "h", h)
     if up.shape[1] != b:
         raise ValueError(f"up_weight must have shape (d_out, {b}) (d_out, bottleneck), got {C.describe(up)}")
-    d_out = up.shape[0]
-    if residual is None:
-        if d_out != d_in:
-            raise ValueError(
-                f"up_weight must have shape ({d_in}, {b}) for the series form (residual=None adds h), got "
-                f"{C.describe(up)}; pass residual for the parallel form"
-            )
-    else:
-        C.check_tensor("residual", residual, min_ndim=1)
-        C.check_like("residual", residual, "h", h)
-        C.check_shape("residual", residual, (*h.shape[:-1], d_out), "h's leading dims, d_out")
+    C.check_residual(residual, h, up.shape[0], "up_weight", up, (d_in, b))
     scale_tensor, scale_f = _check_scale(scale, h)
     _activations.check("activation", activation)
     p, seed = C.dropout_and_seed(dropout_p, training)

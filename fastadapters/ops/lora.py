@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fastadapters.ops import _checks as C
-from fastadapters.ops._autograd import Op
+from fastadapters.ops._autograd import Autograd, Op
 from fastadapters.ops._dispatch import Backend, extension, no_reasons, register, select, triton_reasons
 
 
@@ -309,16 +309,8 @@ def _backward(ctx, grads, run):
     )
 
 
-LORA_LINEAR = Op(
-    "lora_linear",
-    _forward,
-    _fake,
-    tensor_lists=(1, 2, 3, 4),
-    setup=_setup,
-    backward=_backward,
-    backward_forward=_backward_forward,
-    backward_fake=_backward_fake,
-)
+_AUTOGRAD = Autograd(_setup, _backward, _backward_forward, _backward_fake)
+LORA_LINEAR = Op("lora_linear", _forward, _fake, tensor_lists=(1, 2, 3, 4), autograd=_AUTOGRAD)
 _lora_linear_op = LORA_LINEAR.custom
 
 

@@ -117,16 +117,7 @@ def multi_bottleneck_adapter(
         raise ValueError(
             f"bank_up must have shape ({sum(sizes)}, d_out) (sum of the sizes), got {C.describe(up)}"
         )
-    if residual is None:
-        if up.shape[1] != h.shape[-1]:
-            raise ValueError(
-                f"bank_up must have shape ({sum(sizes)}, {h.shape[-1]}) for the series form (residual=None "
-                f"adds h), got {C.describe(up)}; pass residual for the parallel form"
-            )
-    else:
-        C.check_tensor("residual", residual, min_ndim=1)
-        C.check_like("residual", residual, "h", h)
-        C.check_shape("residual", residual, (*h.shape[:-1], up.shape[1]), "h's leading dims, d_out")
+    C.check_residual(residual, h, up.shape[1], "bank_up", up, (sum(sizes), h.shape[-1]))
     sched = check_schedule(adapter_ids, h, n)
     tensors = [h, down, up, *([] if residual is None else [residual])]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

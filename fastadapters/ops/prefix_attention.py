@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from fastadapters.ops import _checks as C
-from fastadapters.ops._autograd import Op
+from fastadapters.ops._autograd import Autograd, Op
 from fastadapters.ops._dispatch import Backend, no_reasons, register, select, triton_reasons
 
 NONE, KEY_PADDING, BOOL_4D, ADDITIVE_4D = 0, 1, 2, 3
@@ -402,15 +402,8 @@ def _backward(ctx, grads, run):
     return (*[g if n else None for g, n in zip(grads, ctx.needs)], None, None, None, None, None)
 
 
-PREFIX_ATTENTION = Op(
-    "prefix_attention",
-    _forward,
-    _fake,
-    setup=_setup,
-    backward=_backward,
-    backward_forward=_backward_forward,
-    backward_fake=_backward_fake,
-)
+_AUTOGRAD = Autograd(_setup, _backward, _backward_forward, _backward_fake)
+PREFIX_ATTENTION = Op("prefix_attention", _forward, _fake, autograd=_AUTOGRAD)
 _prefix_attention_op = PREFIX_ATTENTION.custom
 
 
