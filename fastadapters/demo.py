@@ -214,13 +214,10 @@ def compare_with_peft(base: str, items: list[dict], opts) -> dict:
 
 def backends() -> str:
     """Which backend the fused LoRA and bottleneck ops take for this demo's fp32 CPU tensors."""
-    from fastadapters.ops import bottleneck, lora
-    from fastadapters.ops._dispatch import select
+    from fastadapters.ops import backend_for
 
-    cpu = torch.device("cpu")
-    lora_name = select("lora_linear", lora.BACKENDS, cpu, dtype=torch.float32).name
-    info = dict(dtype=torch.float32, bottleneck=32, dropout_p=0.0)
-    bottleneck_name = select("bottleneck_adapter", bottleneck.BACKENDS, cpu, **info).name
+    lora_name = backend_for("lora_linear", "cpu", torch.float32)
+    bottleneck_name = backend_for("bottleneck_adapter", "cpu", torch.float32, bottleneck=32, dropout_p=0.0)
     label = {"cpu": "cpu (C++ extension)", "torch": "torch (autograd.Function)"}
     return (
         f"fused LoRA op on the {label.get(lora_name, lora_name)} backend, "

@@ -6,6 +6,8 @@ Tests and benchmarks both import these, so they cannot drift apart. They favour 
 import torch
 from torch import Tensor
 
+from fastadapters.ops._activations import torch_fn
+
 
 def lora_linear(
     x: Tensor,
@@ -39,12 +41,15 @@ def prefix_attention(
     attention_mask: Tensor | None = None,
     causal: bool = True,
     scale: float | None = None,
+    adapter_ids: Tensor | None = None,
+    *,
     prefix_ids: Tensor | None = None,
 ) -> Tensor:
     """softmax(scale · q [P_k; K]ᵀ + mask) [P_v; V], by concatenating the prefix to every row's keys.
 
     q: [B, Hq, S, D]; k, v: [B, Hkv, S_kv, D]; prefix_k, prefix_v: [Hkv, P, D] shared, or [A, Hkv, P, D]
-    with prefix_ids: [B] (-1 = no prefix for that row). attention_mask (sequence keys only): [B, S_kv]
+    with adapter_ids: [B] (-1 = no prefix for that row; prefix_ids is its old name). attention_mask
+    (sequence keys only): [B, S_kv]
     (nonzero = keep), 4-D bool [B|1, Hq|1, S, S_kv] (True = attend) or 4-D float (added to the scores).
     The prefix is always visible; `causal` is bottom-right aligned (key j visible to query i iff
     j <= i + S_kv - S). A row that sees no key at all outputs zeros.
@@ -52,14 +57,15 @@ def prefix_attention(
     B, Hq, S, D = q.shape
     Hkv, S_kv = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
-    if prefix_ids is None:
+    ids = adapter_ids if prefix_ids is None else prefix_ids
+    if ids is None:
         pk = prefix_k.float().expand(B, *prefix_k.shape)
         pv = prefix_v.float().expand(B, *prefix_v.shape)
         present = torch.ones(B, dtype=torch.bool, device=q.device)
     else:
-        rows = prefix_ids.long().clamp(min=0)
+        rows = ids.long().clamp(min=0)
         pk, pv = prefix_k.float()[rows], prefix_v.float()[rows]
-        present = prefix_ids >= 0
+        present = ids >= 0
     P = pk.shape[2]
     keys = torch.cat([pk, k.float()], dim=2).repeat_interleave(Hq // Hkv, dim=1)
     values = torch.cat([pv, v.float()], dim=2).repeat_interleave(Hq // Hkv, dim=1)
@@ -101,13 +107,7 @@ def bottleneck_adapter(
     activation: tanh, relu, gelu (exact erf), silu or sigmoid; dropout_mask: like h, the dropout multiplier
     (0 or 1/(1-p)), or None; residual: [..., d_out] or None.
     """
-    act = {
-        "tanh": torch.tanh,
-        "relu": torch.relu,
-        "gelu": torch.nn.functional.gelu,
-        "silu": torch.nn.functional.silu,
-        "sigmoid": torch.sigmoid,
-    }[activation]
+    act = torch_fn(activation)
     hf = h.float()
     hd = hf if dropout_mask is None else hf * dropout_mask.float()
     y = act(hd @ down_weight.float().T) @ up_weight.float().T

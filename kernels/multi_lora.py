@@ -202,12 +202,14 @@ def prepare(schedule) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _device_meta(ranks: tuple, scales: tuple, k: int, device: torch.device):
-    """(meta int64 [2 + 3k, n], scales fp32 [k, n], max rows, max member rank), cached per bank layout."""
-    from fastadapters.ops.multi_lora import host_meta
+def _device_meta(ranks: tuple, scales: tuple, layout: tuple, device: torch.device):
+    """(meta int64 [2 + 3k, n], scales fp32 [k, n], max rows, max member rank), cached per bank layout.
 
+    layout: the bank's (a_off, a_rows, t_col, b_off), as the op passes it (fastadapters/ops/schedule.py).
+    """
+    a_off, a_rows, t_col, b_off = layout
+    k = len(t_col)
     n = len(ranks) // k
-    a_off, a_rows, t_col, b_off = host_meta(ranks, k)
     rows = [a_off, a_rows]
     for m in range(k):
         rows += [list(ranks[m * n : (m + 1) * n]), t_col[m], b_off[m]]
@@ -233,7 +235,7 @@ def _split_k(tiles: int, d_in: int, block_k: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(d_in, block_k), target // max(tiles, 1)))
 
 
-def forward(x, weights, biases, bank_a, bank_bs, ranks, scales, adapter_ids, order, starts, tiles):
+def forward(x, weights, biases, bank_a, bank_bs, ranks, scales, layout, adapter_ids, order, starts, tiles):
     """ys[m] = x W_mᵀ + b_m, then every token's adapter added in place: one shrink, one expand per member.
 
     x: [N, d_in] (any strides); weights[m]: [d_out_m, d_in]; biases[m]: [d_out_m] or None; bank layout,
@@ -241,28 +243,28 @@ def forward(x, weights, biases, bank_a, bank_bs, ranks, scales, adapter_ids, ord
     fastadapters/ops/multi_lora.py.
     """
     ys = [x @ w.T if b is None else torch.addmm(b, x, w.T) for w, b in zip(weights, biases)]
-    add(x, ys, bank_a, bank_bs, ranks, scales, order, starts, tiles)
+    add(x, ys, bank_a, bank_bs, ranks, scales, layout, order, starts, tiles)
     return ys
 
 
 def bottleneck_forward(
-    h, bank_down, bank_up, sizes, scales, acts, adapter_ids, order, starts, tiles, residual
+    h, bank_down, bank_up, sizes, scales, layout, acts, adapter_ids, order, starts, tiles, residual
 ):
     """out = res + s_a · f_a(h D_aᵀ) U_aᵀ per token (res = h or residual): the multi-LoRA launches with the
     adapter's activation applied to the shrink output as the expand loads it."""
     out = (h if residual is None else residual).clone()
-    add(h, [out], bank_down, [bank_up], sizes, scales, order, starts, tiles, acts)
+    add(h, [out], bank_down, [bank_up], sizes, scales, layout, order, starts, tiles, acts)
     return out
 
 
-def add(x, ys, bank_a, bank_bs, ranks, scales, order, starts, tiles, acts=None):
+def add(x, ys, bank_a, bank_bs, ranks, scales, layout, order, starts, tiles, acts=None):
     """ys[m][i] += scale · f(x[i] A_{m,a}ᵀ) B_{m,a}ᵀ in place: one shrink launch, one expand per member."""
     k = len(ys)
     n = len(ranks) // k
     count, d_in = x.shape
     if n == 0 or count == 0 or sum(ranks) == 0:
         return
-    meta, scales_t, max_rows, max_rank = _device_meta(tuple(ranks), tuple(scales), k, x.device)
+    meta, scales_t, max_rows, max_rank = _device_meta(tuple(ranks), tuple(scales), tuple(layout), x.device)
     acts_t = _device_acts(tuple(acts), x.device) if acts is not None else scales_t
     g = tiles.shape[1]
     bm = block_m(count)

@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck  # noqa: E402
 
 # One per-dtype tolerance table for every op test: (atol, rtol) against the fp32 reference.
 TOLERANCES = {
@@ -20,6 +21,12 @@ TOLERANCES = {
     torch.float16: (2e-2, 2e-2),
     torch.bfloat16: (6e-2, 6e-2),
 }
+
+
+# Settings of the op tests' random-shape (hypothesis) sweeps: reproducible, no per-example deadline.
+HYPOTHESIS = dict(
+    deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def assert_close(actual, expected, dtype=None, name="output"):
@@ -30,12 +37,42 @@ def assert_close(actual, expected, dtype=None, name="output"):
     )
 
 
+# The device op tests build their inputs on (module level, for parametrising by what a backend can run):
+# cpu, or FASTADAPTERS_TEST_DEVICE (cuda on a GPU machine). Tests taking the `device` fixture get the same.
+DEVICE = torch.device(TEST_DEVICE)
+
+
 @pytest.fixture
 def device() -> torch.device:
     """The device tests build their inputs on: cpu, or FASTADAPTERS_TEST_DEVICE (cuda on a GPU machine)."""
     if TEST_DEVICE == "cuda" and not torch.cuda.is_available():
         pytest.skip("FASTADAPTERS_TEST_DEVICE=cuda but CUDA is not available")
-    return torch.device(TEST_DEVICE)
+    return DEVICE
+
+
+def skip_module_without_device():
+    """Skips the calling test module when FASTADAPTERS_TEST_DEVICE=cuda but CUDA is not available."""
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("FASTADAPTERS_TEST_DEVICE=cuda but CUDA is not available", allow_module_level=True)
+
+
+def op_seed(torch_seed: int) -> int:
+    """The dropout seed an op draws right after torch.manual_seed(torch_seed)."""
+    from fastadapters.ops import _checks
+
+    torch.manual_seed(torch_seed)
+    return int(_checks.new_seed())
+
+
+def reference_mask(dropout_mask, backend: str, shape, dropout_p: float, seed: int) -> torch.Tensor:
+    """The keep mask `backend` draws (dropout_mask: ops.lora_dropout_mask or ops.bottleneck_dropout_mask) as
+    the reference's multiplier keep / (1 - p)."""
+    from fastadapters import ops
+
+    with ops.use_backend(backend):
+        keep = dropout_mask(shape, dropout_p, seed, DEVICE)
+    assert keep.dtype == torch.bool and tuple(keep.shape) == tuple(shape)
+    return keep.float() / (1.0 - dropout_p)
 
 
 @pytest.fixture(autouse=True)

@@ -10,18 +10,15 @@ import math
 
 import pytest
 import torch
-from conftest import TEST_DEVICE, assert_close
-from hypothesis import HealthCheck, given, settings
+from conftest import DEVICE, HYPOTHESIS, assert_close, op_seed, reference_mask, skip_module_without_device
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastadapters import config, ops, reference
-from fastadapters.ops import _checks
 from fastadapters.ops import bottleneck as bn_ops
 
 # FASTADAPTERS_TEST_DEVICE=cuda (bench/gpu_check.sh) runs these on the GPU with compiled Triton kernels.
-DEVICE = torch.device(TEST_DEVICE)
-if DEVICE.type == "cuda" and not torch.cuda.is_available():
-    pytest.skip("FASTADAPTERS_TEST_DEVICE=cuda but CUDA is not available", allow_module_level=True)
+skip_module_without_device()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = bn_ops.ACTIVATIONS
 
@@ -86,7 +83,7 @@ def check(backend, leaves, activation, *, scale=0.75, h_transposed=False, dropou
     h_shape = call_args(leaves, h_transposed=h_transposed)[0].shape
     mask = None
     if dropout_p > 0.0:
-        mask = reference_mask(backend, h_shape, dropout_p, op_seed(torch_seed))
+        mask = reference_mask(ops.bottleneck_dropout_mask, backend, h_shape, dropout_p, op_seed(torch_seed))
 
     def ours():
         if torch_seed is not None:
@@ -112,20 +109,6 @@ def check(backend, leaves, activation, *, scale=0.75, h_transposed=False, dropou
     for name, g in grads.items():
         assert g.dtype == leaves[name].dtype and g.shape == leaves[name].shape, name
         assert_close(g, ref_grads[name], dtype, f"d{name}")
-
-
-def op_seed(torch_seed: int) -> int:
-    """The dropout seed the op draws right after torch.manual_seed(torch_seed)."""
-    torch.manual_seed(torch_seed)
-    return int(_checks.new_seed())
-
-
-def reference_mask(backend, shape, dropout_p, seed):
-    """The backend's keep mask as the reference's multiplier keep/(1-p)."""
-    with ops.use_backend(backend):
-        keep = ops.bottleneck_dropout_mask(shape, dropout_p, seed, DEVICE)
-    assert keep.dtype == torch.bool and tuple(keep.shape) == tuple(shape)
-    return keep.float() / (1.0 - dropout_p)
 
 
 # --------------------------------------------------------------------------------------------- reference
@@ -270,11 +253,6 @@ def random_case(data, dtypes):
     learned = data.draw(st.booleans(), label="learned")
     activation = data.draw(st.sampled_from(ACTIVATIONS), label="activation")
     return make_leaves((n,), d_in, b, dtype, d_out=d_out, learned=learned), activation
-
-
-HYPOTHESIS = dict(
-    deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
 
 
 @settings(max_examples=25, **HYPOTHESIS)

@@ -19,6 +19,17 @@ def op_nodes(counter, prefix: str) -> int:
     return sum(str(n.target).startswith(prefix) for g in counter.graphs for n in g.graph.nodes)
 
 
+def assert_compiled_grads_match(f, x, leaves, op: str):
+    """f compiled as one graph (one `op` node) gives the gradients of eager f(x) for every leaf."""
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=counter)
+    want = torch.autograd.grad(f(x), leaves)
+    got = torch.autograd.grad(compiled(x), leaves)
+    assert counter.frame_count == 1 and op_nodes(counter, op) == 1
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 def test_compiled_lora_training_step_matches_eager():
     """A patched tiny Llama: loss and every LoRA gradient through the compiled graph equal eager's."""
     torch._dynamo.reset()
@@ -99,14 +110,7 @@ def test_compiled_bottleneck_backward_matches_eager():
     def f(h):
         return ops.bottleneck_adapter(h, down, up, scale, "gelu").square().sum()
 
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(f, fullgraph=True, backend=counter)
-    leaves = [h, down, up, scale]
-    want = torch.autograd.grad(f(h), leaves)
-    got = torch.autograd.grad(compiled(h), leaves)
-    assert counter.frame_count == 1 and op_nodes(counter, "fastadapters.bottleneck_adapter") == 1
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w)
+    assert_compiled_grads_match(f, h, [h, down, up, scale], "fastadapters.bottleneck_adapter")
 
 
 def test_compiled_prefix_attention_backward_matches_eager():
@@ -120,14 +124,7 @@ def test_compiled_prefix_attention_backward_matches_eager():
     def f(q):
         return ops.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True).square().sum()
 
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(f, fullgraph=True, backend=counter)
-    leaves = [q, prefix_k, prefix_v]
-    want = torch.autograd.grad(f(q), leaves)
-    got = torch.autograd.grad(compiled(q), leaves)
-    assert counter.frame_count == 1 and op_nodes(counter, "fastadapters.prefix_attention") == 1
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w)
+    assert_compiled_grads_match(f, q, [q, prefix_k, prefix_v], "fastadapters.prefix_attention")
 
 
 def test_every_public_op_is_a_custom_op_with_fake_and_autograd():

@@ -9,15 +9,22 @@ import math
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_close
-from hypothesis import HealthCheck, given, settings
+from conftest import (
+    DEVICE,
+    HYPOTHESIS,
+    TOLERANCES,
+    assert_close,
+    op_seed,
+    reference_mask,
+    skip_module_without_device,
+)
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastadapters import ops, reference
-from fastadapters.ops import _checks
 from fastadapters.ops import lora as lora_ops
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+skip_module_without_device()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -77,20 +84,6 @@ def fp32_copies(leaves):
     }
 
 
-def op_seed(torch_seed: int) -> int:
-    """The dropout seed the op draws right after torch.manual_seed(torch_seed)."""
-    torch.manual_seed(torch_seed)
-    return int(_checks.new_seed())
-
-
-def reference_mask(backend, shape, dropout_p, seed):
-    """The backend's keep mask as the reference's multiplier keep/(1-p)."""
-    with ops.use_backend(backend):
-        keep = ops.lora_dropout_mask(shape, dropout_p, seed, DEVICE)
-    assert keep.dtype == torch.bool and tuple(keep.shape) == tuple(shape)
-    return keep.float() / (1.0 - dropout_p)
-
-
 def upstream_grad(y):
     """A random dy scaled like a mean-reduced loss's, so the token-summed gradients (dW, dA, dB) stay O(1)."""
     tokens = max(1, y.numel() // max(1, y.shape[-1]))
@@ -127,7 +120,7 @@ def check_lora(
         y.backward(dy)
     mask = None
     if training and dropout_p > 0:
-        mask = reference_mask(backend, x.shape, dropout_p, op_seed(torch_seed))
+        mask = reference_mask(ops.lora_dropout_mask, backend, x.shape, dropout_p, op_seed(torch_seed))
     ref_leaves = fp32_copies(leaves)
     yr = reference.lora_linear(*build_args(ref_leaves, layout), scale, dropout_mask=mask)
     yr.backward(dy.float())
@@ -254,7 +247,7 @@ def check_grouped(backend, x_leaf, members, scales, *, dropout_p=0.0, training=F
         torch.autograd.backward(ys, dys)
     mask = None
     if training and dropout_p > 0:
-        mask = reference_mask(backend, x_leaf.shape, dropout_p, op_seed(torch_seed))
+        mask = reference_mask(ops.lora_dropout_mask, backend, x_leaf.shape, dropout_p, op_seed(torch_seed))
     xr = x_leaf.detach().float().requires_grad_()
     for i, (m, s, y, dy) in enumerate(zip(members, scales, ys, dys)):
         mr = fp32_copies(m)
@@ -400,11 +393,6 @@ def random_case(data, dtypes):
     return make_leaves(lead, d_in, d_out, rank, dtype, bias=bias, grad_base=grad_base, w_transposed=w_t)
 
 
-HYPOTHESIS = dict(
-    deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-
-
 @settings(max_examples=25, **HYPOTHESIS)
 @given(data=st.data())
 def test_random_shapes_torch(data):
@@ -446,7 +434,7 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_custom_op_equals_eager_path(backend):
-    """Eager calls skip the custom op (lora._EagerLoraLinear); traced calls use it. Both must agree
+    """Eager calls skip the custom op (ops._autograd.EagerFunction); traced calls use it. Both must agree
     exactly, dropout mask included, and the custom op must pass torch.library.opcheck."""
     torch.manual_seed(0)
     x = torch.randn(2, 9, 12, device=DEVICE, requires_grad=True)
@@ -458,17 +446,14 @@ def test_custom_op_equals_eager_path(backend):
     scales, p, seed = [0.5, 2.0], 0.3, 1234
     results = []
     with ops.use_backend(backend):
-        for traced in (False, True):
-            if traced:
-                ys, _ = lora_ops._lora_linear_op(
-                    x, ws, lora_ops._biases(bs, x), As, Bs, scales, p, torch.tensor(seed)
-                )
-            else:
-                ys = lora_ops._EagerLoraLinear.apply(2, scales, p, seed, x, *ws, *bs, *As, *Bs)
+        args = (x, ws, lora_ops._biases(bs, x), As, Bs, scales, p, torch.tensor(seed))
+        for call in (lora_ops.LORA_LINEAR, lora_ops.LORA_LINEAR.custom):  # eager, then the custom op
+            ys, _ = call(*args)
             grads = torch.autograd.grad(sum((y * (i + 1)).sum() for i, y in enumerate(ys)), leaves)
             results.append([y.detach() for y in ys] + list(grads))
-        args = (x, ws, lora_ops._biases(bs, x), As, Bs, scales, p, torch.tensor(seed))
-        torch.library.opcheck(lora_ops._lora_linear_op, args, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(
+            lora_ops.LORA_LINEAR.custom, args, test_utils=("test_schema", "test_faketensor")
+        )
     for i, (a, b) in enumerate(zip(*results)):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"output/grad {i}")
 

@@ -11,12 +11,13 @@ import math
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_close
+from conftest import DEVICE, TOLERANCES, assert_close, skip_module_without_device
 
 from fastadapters import ops, reference
+from fastadapters.ops import _torch_multi_lora as torch_ml
 from fastadapters.ops import multi_lora as ml
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+skip_module_without_device()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 RANKS = [1, 8, 0, 16, 64, 8]
 SPREADS = ("distinct", "uniform", "zipf", "identical", "all-base")
@@ -224,8 +225,8 @@ def test_torch_strategies(monkeypatch, strategy, spread, uniform):
     """Every strategy of the torch backend, forced: per-adapter segments, the padded bmm groups (decode)
     and rows of one adapter each (prefill), with one rank signature (the rows path then takes the whole
     batch, base rows scaled by 0) or several (rows gathered per signature)."""
-    monkeypatch.setattr(ml, "BATCHED_BELOW", 10**9 if strategy == "batched" else 0)
-    monkeypatch.setattr(ml, "ROWS_FROM_ADAPTERS", 1 if strategy == "rows" else 10**9)
+    monkeypatch.setattr(torch_ml, "BATCHED_BELOW", 10**9 if strategy == "batched" else 0)
+    monkeypatch.setattr(torch_ml, "ROWS_FROM_ADAPTERS", 1 if strategy == "rows" else 10**9)
     gen = torch.Generator().manual_seed(12)
     rows, d_in, d_out = 12, 24, 18
     ranks = [[4] * 6, [4] * 6] if uniform else [[4, 8, 4, 0, 8, 1], [4, 8, 4, 2, 0, 1]]
@@ -246,7 +247,7 @@ def test_torch_strategies(monkeypatch, strategy, spread, uniform):
 
 @pytest.mark.parametrize("spread", ["uniform", "identical"])
 def test_torch_rows_strategy_bottleneck(monkeypatch, spread):
-    monkeypatch.setattr(ml, "ROWS_FROM_ADAPTERS", 1)
+    monkeypatch.setattr(torch_ml, "ROWS_FROM_ADAPTERS", 1)
     gen = torch.Generator().manual_seed(16)
     rows, seq, d = 9, 40, 20
     down, up, scales = make_bottleneck_bank(d, d, torch.float32, gen)
@@ -296,8 +297,11 @@ def test_fake_and_schema(backend):
             sched.order,
             sched.starts,
             tiles,
+            backend,
         )
-        torch.library.opcheck(ml._multi_lora_op, args, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(
+            ml.MULTI_LORA_LINEAR.custom, args, test_utils=("test_schema", "test_faketensor")
+        )
 
 
 # --------------------------------------------------------------------------------------------- bottleneck

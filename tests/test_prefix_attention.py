@@ -5,7 +5,7 @@ prefixes and bad input."""
 
 import pytest
 import torch
-from conftest import TEST_DEVICE, TOLERANCES, assert_close
+from conftest import DEVICE, TOLERANCES, assert_close, skip_module_without_device
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,9 +15,7 @@ from fastadapters.ops import prefix_attention, use_backend
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # FASTADAPTERS_TEST_DEVICE=cuda (bench/gpu_check.sh) runs these on the GPU: the Triton kernels compiled, and
 # then every broad sweep on both backends (on the CPU the interpreter only affords the covering subset).
-DEVICE = torch.device(TEST_DEVICE)
-if DEVICE.type == "cuda" and not torch.cuda.is_available():
-    pytest.skip("FASTADAPTERS_TEST_DEVICE=cuda but CUDA is not available", allow_module_level=True)
+skip_module_without_device()
 BROAD_BACKENDS = ("torch", "triton") if DEVICE.type == "cuda" else ("torch",)
 
 
@@ -94,11 +92,28 @@ def test_per_row_prefix_ids(backend):
     """Rows pick prefixes 2, none, 0, 2; prefix gradients are summed per adapter, unused adapter 1 gets 0."""
     tensors, dout = make_inputs(B=4, Hq=2, Hkv=1, S=9, A=3, P=6)
     ids = torch.tensor([2, -1, 0, 2], device=DEVICE)
-    check(tensors, dout, backend, torch.float32, prefix_ids=ids, attention_mask=key_padding(4, 9))
+    check(tensors, dout, backend, torch.float32, adapter_ids=ids, attention_mask=key_padding(4, 9))
     with use_backend(backend):
-        out = prefix_attention(*tensors, prefix_ids=ids)
+        out = prefix_attention(*tensors, adapter_ids=ids)
         dpk = torch.autograd.grad(out, tensors[3], dout)[0]
     assert torch.count_nonzero(dpk[1]) == 0
+
+
+def test_prefix_ids_is_a_deprecated_alias_of_adapter_ids():
+    """The old keyword still works (same output, positionally too) and warns; both at once is an error."""
+    tensors, _ = make_inputs(B=3, Hq=2, Hkv=1, S=5, A=2, P=4)
+    ids = torch.tensor([1, -1, 0], device=DEVICE)
+    new = prefix_attention(*tensors, adapter_ids=ids)
+    with pytest.warns(DeprecationWarning, match="adapter_ids"):
+        old = prefix_attention(*tensors, prefix_ids=ids)
+    torch.testing.assert_close(old, new, rtol=0, atol=0)
+    torch.testing.assert_close(prefix_attention(*tensors, None, True, None, ids), new, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="not both"):
+        prefix_attention(*tensors, adapter_ids=ids, prefix_ids=ids)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=r"^prefix_ids must lie"):
+        prefix_attention(*tensors, prefix_ids=torch.tensor([0, 2, 0], device=DEVICE))
+    with pytest.raises(ValueError, match=r"^adapter_ids must lie"):
+        prefix_attention(*tensors, adapter_ids=torch.tensor([0, 2, 0], device=DEVICE))
 
 
 @pytest.mark.parametrize("backend", ("torch", "triton"))
@@ -112,13 +127,13 @@ def test_row_that_sees_nothing_is_zero(backend):
         dout,
         backend,
         torch.float32,
-        prefix_ids=torch.tensor([-1, 1], device=DEVICE),
+        adapter_ids=torch.tensor([-1, 1], device=DEVICE),
         attention_mask=mask,
         causal=False,
     )
     with use_backend(backend):
         out = prefix_attention(
-            *tensors, prefix_ids=torch.tensor([-1, 1], device=DEVICE), attention_mask=mask, causal=False
+            *tensors, adapter_ids=torch.tensor([-1, 1], device=DEVICE), attention_mask=mask, causal=False
         )
     assert torch.count_nonzero(out[0]) == 0
 
@@ -179,12 +194,12 @@ def test_only_needed_gradients_and_frozen_prefix():
 def test_custom_op_registration():
     """torch.library.opcheck: schema, fake tensor and autograd registration agree with the real op."""
     (q, k, v, pk, pv), _ = make_inputs(B=1, Hq=2, Hkv=1, S=5, P=3)
-    from fastadapters.ops.prefix_attention import _prefix_attention_op
+    from fastadapters.ops.prefix_attention import PREFIX_ATTENTION
 
     mask = torch.ones(1, 5, dtype=torch.bool, device=DEVICE)
     args = (q, k, v, pk, pv, mask, 1, True, 0.25, torch.empty(0, dtype=torch.int64, device=DEVICE))
     torch.library.opcheck(
-        _prefix_attention_op,
+        PREFIX_ATTENTION.custom,
         args,
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
@@ -237,7 +252,7 @@ def test_backends_agree_on_a_shape_the_tests_above_miss():
     outs = []
     for backend in ("torch", "triton"):
         with use_backend(backend):
-            out = prefix_attention(*tensors, attention_mask=mask, prefix_ids=ids)
+            out = prefix_attention(*tensors, attention_mask=mask, adapter_ids=ids)
             outs.append((out, *torch.autograd.grad(out, tensors, dout)))
     for a, b in zip(*outs):
         assert_close(a, b, torch.float32)
@@ -267,16 +282,16 @@ def test_bad_input_raises_clearly():
     with pytest.raises(TypeError, match="dtype"):
         prefix_attention(q, k.half(), v, pk, pv)
     apk, apv = pk.detach().expand(3, *pk.shape), pv.detach().expand(3, *pv.shape)
-    with pytest.raises(ValueError, match=r"prefix_ids must lie in \[-1, 3\)"):
-        prefix_attention(q, k, v, apk, apv, prefix_ids=torch.tensor([0, 3], device=DEVICE))
-    with pytest.raises(ValueError, match=r"prefix_ids must lie in \[-1, 3\)"):
-        prefix_attention(q, k, v, apk, apv, prefix_ids=torch.tensor([-2, 0], device=DEVICE))
-    with pytest.raises(ValueError, match="pass prefix_ids"):
+    with pytest.raises(ValueError, match=r"adapter_ids must lie in \[-1, 3\)"):
+        prefix_attention(q, k, v, apk, apv, adapter_ids=torch.tensor([0, 3], device=DEVICE))
+    with pytest.raises(ValueError, match=r"adapter_ids must lie in \[-1, 3\)"):
+        prefix_attention(q, k, v, apk, apv, adapter_ids=torch.tensor([-2, 0], device=DEVICE))
+    with pytest.raises(ValueError, match="pass adapter_ids"):
         prefix_attention(q, k, v, apk, apv)
-    with pytest.raises(ValueError, match="prefix_ids must be None"):
-        prefix_attention(q, k, v, pk, pv, prefix_ids=torch.tensor([0, 0], device=DEVICE))
-    with pytest.raises(TypeError, match="prefix_ids"):
-        prefix_attention(q, k, v, apk, apv, prefix_ids=torch.tensor([0.0, 1.0], device=DEVICE))
+    with pytest.raises(ValueError, match="adapter_ids must be None"):
+        prefix_attention(q, k, v, pk, pv, adapter_ids=torch.tensor([0, 0], device=DEVICE))
+    with pytest.raises(TypeError, match="adapter_ids"):
+        prefix_attention(q, k, v, apk, apv, adapter_ids=torch.tensor([0.0, 1.0], device=DEVICE))
 
 
 def test_forced_triton_refuses_huge_head_dim():

@@ -51,6 +51,55 @@ def check_dropout(dropout_p) -> float:
     return float(dropout_p)
 
 
+def dropout_and_seed(dropout_p, training: bool) -> tuple[float, Tensor | None]:
+    """(dropout probability in effect, fresh seed or None): dropout_p checked, active only when training."""
+    p = check_dropout(dropout_p)
+    if not training or p == 0.0:
+        return 0.0, None
+    return p, new_seed()
+
+
 def new_seed() -> Tensor:
     """A dropout seed drawn from torch's default generator (so torch.manual_seed reproduces it)."""
     return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def _as_list(name: str, values, of: str) -> list:
+    if isinstance(values, Tensor):
+        values = values.tolist()
+    try:
+        return list(values)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of {of}, got {type(values).__name__}") from None
+
+
+def int_list(name: str, values) -> list[int]:
+    """values (a sequence or tensor) as a list of ints >= 0: one rank or bottleneck size per adapter."""
+    out = _as_list(name, values, "ints")
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must hold ints >= 0 (0 = no LoRA for that adapter), got {out!r}")
+    return out
+
+
+def float_list(name: str, values, n: int) -> list[float]:
+    """values (a sequence or tensor) as a list of n finite floats: one scale per adapter."""
+    out = _as_list(name, values, "floats")
+    if len(out) != n:
+        raise ValueError(f"{name} must have one value per adapter ({n}), got {len(out)}")
+    return [check_scale(f"{name}[{i}]", v) for i, v in enumerate(out)]
+
+
+def check_residual(residual, h: Tensor, d_out: int, up_name: str, up: Tensor, series_shape: tuple) -> None:
+    """The series form (residual None: h is added, so d_out must be h's d_in and `up` have series_shape) or
+    the parallel form (residual: [*h's leading dims, d_out], like h)."""
+    if residual is None:
+        if d_out != h.shape[-1]:
+            raise ValueError(
+                f"{up_name} must have shape {tuple(series_shape)} for the series form (residual=None adds "
+                f"h), got {describe(up)}; pass residual for the parallel form"
+            )
+        return
+    check_tensor("residual", residual, min_ndim=1)
+    check_like("residual", residual, "h", h)
+    check_shape("residual", residual, (*h.shape[:-1], d_out), "h's leading dims, d_out")

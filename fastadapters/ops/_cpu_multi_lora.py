@@ -12,7 +12,8 @@ def prepare(schedule) -> torch.Tensor:
     return schedule.starts.new_empty(0)
 
 
-def forward(x, weights, biases, bank_a, bank_bs, ranks, scales, adapter_ids, order, starts, tiles):
+def forward(x, weights, biases, bank_a, bank_bs, ranks, scales, layout, adapter_ids, order, starts, tiles):
+    # The C++ op derives the bank layout from the ranks itself (multi_lora_meta in csrc/bindings.cpp).
     return list(
         torch.ops.fastadapters_C.multi_lora_forward(
             x, list(weights), list(biases), bank_a, list(bank_bs), [int(r) for r in ranks],

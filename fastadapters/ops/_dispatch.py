@@ -1,9 +1,11 @@
-"""Backend dispatch: each backend declares what it supports; the first that supports a call runs it.
+"""Backend dispatch: backends say whether they CAN run a call; a priority list per op says which is PREFERRED.
 
-Priority per device: CUDA tensors try cuda, triton, torch; CPU tensors try cpu, torch, triton (the
-Triton interpreter is for tests, so it is never chosen on the CPU unless forced).
-`FASTADAPTERS_BACKEND=<name>` forces one backend; if it cannot run the call, the error gives its
-reasons and nothing falls back silently.
+Each op registers its backends (`register`). A backend's `reasons(device=..., **info)` lists why it cannot
+run a call (empty: it can); it never says whether it is fast. `priority(op, device, **info)` gives the order
+to try them: CUDA tensors try cuda, triton, torch; CPU tensors cpu, torch, triton (the Triton interpreter is
+for tests, so it is never chosen on the CPU unless forced); per-op rules in PRIORITY override that.
+`select` takes the first backend in that order that can run the call. `FASTADAPTERS_BACKEND=<name>`
+forces one backend; if it cannot run the call, the error gives its reasons and nothing falls back silently.
 """
 
 import contextlib
@@ -16,7 +18,22 @@ import torch
 
 ENV_VAR = "FASTADAPTERS_BACKEND"
 BACKENDS = ("triton", "cuda", "cpu", "torch")
-PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch", "triton")}
+DEFAULT_PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch", "triton")}
+
+
+def _bottleneck_priority(device: torch.device, dropout_p: float = 0.0, **info) -> tuple[str, ...]:
+    # On CPU tensors the C++ row-block kernels win only with dropout (their hash mask beats torch.rand);
+    # without dropout the torch backend's full-size GEMMs are faster.
+    if device.type == "cpu" and not dropout_p:
+        return ("torch", "cpu", "triton")
+    return DEFAULT_PRIORITY.get(device.type, ("triton", "torch"))
+
+
+# Per-op preference rules: op -> f(device, **info) -> backend names, most preferred first.
+PRIORITY: dict[str, Callable[..., tuple[str, ...]]] = {"bottleneck_adapter": _bottleneck_priority}
+
+# Every op's backends: op name -> {backend name: Backend}, filled by `register`.
+IMPLEMENTATIONS: dict[str, dict[str, "Backend"]] = {}
 
 
 @dataclass(frozen=True)
@@ -38,6 +55,15 @@ class Backend:
         return self.impl
 
 
+def register(op: str, backends: dict[str, Backend]) -> dict[str, Backend]:
+    """Registers `op`'s backends (name -> Backend) for `select` and `backend_for`; returns them."""
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"{op}: unknown backend names {sorted(unknown)}; expected names in {BACKENDS}")
+    IMPLEMENTATIONS[op] = backends
+    return backends
+
+
 def traced(x: torch.Tensor) -> bool:
     """Whether this call is being traced (torch.compile, export, fake or meta tensors, functorch
     transforms), where only the custom op works; eager calls may skip the custom op's wrapper, whose
@@ -50,7 +76,12 @@ def traced(x: torch.Tensor) -> bool:
     )
 
 
-def triton_reasons(device: torch.device) -> list[str]:
+def no_reasons(device, **info) -> list[str]:
+    """The torch backends: they run every call."""
+    return []
+
+
+def triton_reasons(device: torch.device, **info) -> list[str]:
     """Why Triton cannot run on `device`: not installed, or CPU tensors without the interpreter."""
     from fastadapters.kernels import HAS_TRITON, INTERPRET
 
@@ -63,8 +94,9 @@ def triton_reasons(device: torch.device) -> list[str]:
     return []
 
 
-def extension_reasons(device: torch.device, kind: str) -> list[str]:
-    """Why the compiled extension's `kind` ('cpu' or 'cuda') kernels cannot run on `device`."""
+def extension_reasons(device: torch.device, kind: str, op: str | None = None) -> list[str]:
+    """Why the compiled extension's `kind` ('cpu' or 'cuda') kernels cannot run on `device`; with `op`,
+    also when the extension does not register torch.ops.fastadapters_C.<op>."""
     from fastadapters import _ext
 
     if not _ext.AVAILABLE:
@@ -73,7 +105,18 @@ def extension_reasons(device: torch.device, kind: str) -> list[str]:
         return [f"needs {kind} tensors, got {device.type}"]
     if kind == "cuda" and not _ext.has_cuda():
         return ["fastadapters._C was built without CUDA kernels"]
+    if op is not None and not _ext.has_op(op):
+        return [f"fastadapters._C has no {op} kernel"]
     return []
+
+
+def extension(kind: str, op: str) -> Callable[..., list[str]]:
+    """The `reasons` of a backend that runs torch.ops.fastadapters_C.<op> on `kind` tensors."""
+
+    def reasons(device, **info) -> list[str]:
+        return extension_reasons(device, kind, op)
+
+    return reasons
 
 
 def forced_backend() -> str | None:
@@ -101,8 +144,17 @@ def use_backend(name: str | None):
             os.environ[ENV_VAR] = old
 
 
-def select(op: str, backends: dict[str, Backend], device: torch.device, **info) -> Backend:
+def priority(op: str, device: torch.device, **info) -> tuple[str, ...]:
+    """Backend names for `op` on `device`, most preferred first (the order `select` tries them in)."""
+    rule = PRIORITY.get(op)
+    if rule is not None:
+        return rule(device, **info)
+    return DEFAULT_PRIORITY.get(device.type, ("triton", "torch"))
+
+
+def select(op: str, device: torch.device, **info) -> Backend:
     """Returns the backend that runs `op` on `device`, or raises RuntimeError listing every reason."""
+    backends = IMPLEMENTATIONS[op]
     forced = forced_backend()
     if forced is not None:
         backend = backends.get(forced)
@@ -111,7 +163,7 @@ def select(op: str, backends: dict[str, Backend], device: torch.device, **info) 
             raise RuntimeError(f"{op}: {ENV_VAR}={forced} cannot run this call: " + "; ".join(why))
         return backend
     all_reasons = []
-    for name in PRIORITY.get(device.type, ("triton", "torch")):
+    for name in priority(op, device, **info):
         backend = backends.get(name)
         if backend is None:
             continue
@@ -120,3 +172,16 @@ def select(op: str, backends: dict[str, Backend], device: torch.device, **info) 
             return backend
         all_reasons.append(f"{name}: " + "; ".join(why))
     raise RuntimeError(f"{op}: no backend supports this call: " + " | ".join(all_reasons))
+
+
+def backend_for(op: str, device="cpu", dtype: torch.dtype = torch.float32, **info) -> str:
+    """The name of the backend that would run a call of `op` on `device` and `dtype` (FASTADAPTERS_BACKEND
+    included); raises RuntimeError with every backend's reasons when none can.
+
+    op: a public op's name ("lora_linear", "bottleneck_adapter", "multi_lora_linear",
+    "multi_bottleneck_adapter", "prefix_attention"); info: what the op passes its backends, e.g.
+    bottleneck=32, dropout_p=0.1 for the bottleneck adapter, head_dim=64 for prefix attention.
+    """
+    if op not in IMPLEMENTATIONS:
+        raise ValueError(f"op must be one of {sorted(IMPLEMENTATIONS)}, got {op!r}")
+    return select(op, torch.device(device), dtype=dtype, **info).name

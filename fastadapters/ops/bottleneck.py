@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastadapters.ops import _activations
 from fastadapters.ops import _checks as C
-from fastadapters.ops._dispatch import Backend, extension_reasons, select, triton_reasons
+from fastadapters.ops._activations import ACTIVATIONS  # noqa: F401  (public here: the names the op takes)
+from fastadapters.ops._autograd import Autograd, Op
+from fastadapters.ops._dispatch import Backend, extension, no_reasons, register, select, triton_reasons
 
-ACTIVATIONS = ("tanh", "relu", "gelu", "silu", "sigmoid")
 # The Triton kernels' limit (kernels/bottleneck.py MAX_BOTTLENECK); the torch backend has none.
 TRITON_MAX_BOTTLENECK = 1024
 
@@ -123,10 +125,6 @@ class TorchBottleneck:
         return dh, d_down, d_up, d_scale
 
 
-def _no_reasons(device, **info) -> list[str]:
-    return []
-
-
 def _triton_reasons(device, bottleneck: int = 1, **info) -> list[str]:
     why = triton_reasons(device)
     if bottleneck > TRITON_MAX_BOTTLENECK:
@@ -134,43 +132,23 @@ def _triton_reasons(device, bottleneck: int = 1, **info) -> list[str]:
     return why
 
 
-def _cpu_reasons(device, **info) -> list[str]:
-    why = extension_reasons(device, "cpu")
-    if not why and not hasattr(torch.ops.fastadapters_C, "bottleneck_forward"):
-        why = ["fastadapters._C has no CPU bottleneck kernel"]
-    if not why:  # measured: preferred only where it beats the torch backend (see _cpu_bottleneck.MEASURED_MS)
-        from fastadapters.ops import _cpu_bottleneck
-
-        why = _cpu_bottleneck.slower_reasons(**info)
-    return why
-
-
-BACKENDS = {
-    "triton": Backend("triton", "fastadapters.kernels.bottleneck", _triton_reasons),
-    "cpu": Backend("cpu", "fastadapters.ops._cpu_bottleneck", _cpu_reasons),
-    "cuda": Backend(
-        "cuda", "fastadapters.ops._cuda_bottleneck", lambda device, **info: extension_reasons(device, "cuda")
-    ),
-    "torch": Backend("torch", TorchBottleneck, _no_reasons),
-}
+IMPLEMENTATIONS = register(
+    "bottleneck_adapter",
+    {
+        "triton": Backend("triton", "fastadapters.kernels.bottleneck", _triton_reasons),
+        "cpu": Backend("cpu", "fastadapters.ops._cpu_bottleneck", extension("cpu", "bottleneck_forward")),
+        "cuda": Backend("cuda", "fastadapters.ops._cuda_bottleneck", extension("cuda", "bottleneck_forward")),
+        "torch": Backend("torch", TorchBottleneck, no_reasons),
+    },
+)
+BACKENDS = IMPLEMENTATIONS  # the name this table had before (ops.BACKENDS is the tuple of backend names)
 
 
-def _backend(h: Tensor, bottleneck: int, dropout_p: float = 0.0) -> Backend:
-    return select(
-        "bottleneck_adapter", BACKENDS, h.device, dtype=h.dtype, bottleneck=bottleneck, dropout_p=dropout_p
-    )
+def _backend(h: Tensor, bottleneck: int, dropout_p: float) -> Backend:
+    return select("bottleneck_adapter", h.device, dtype=h.dtype, bottleneck=bottleneck, dropout_p=dropout_p)
 
 
-def _scale_arg(scale_tensor: Tensor | None, scale: float):
-    return scale if scale_tensor is None else scale_tensor
-
-
-def _seed_int(seed: Tensor | None) -> int | None:
-    return None if seed is None else int(seed)
-
-
-@torch.library.custom_op("fastadapters::bottleneck_adapter", mutates_args=())
-def _bottleneck_op(
+def _forward(
     h: Tensor,
     down_weight: Tensor,
     up_weight: Tensor,
@@ -181,36 +159,34 @@ def _bottleneck_op(
     seed: Optional[Tensor],  # noqa: UP045
     residual: Optional[Tensor],  # noqa: UP045
 ) -> tuple[Tensor, Tensor]:
+    """The selected backend's forward on h flattened to 2-D: (out, saved)."""
     d_out = up_weight.shape[0]
-    h2 = h.reshape(-1, h.shape[-1])
     res2 = None if residual is None else residual.reshape(-1, d_out)
     out, saved = (
         _backend(h, down_weight.shape[0], dropout_p)
         .module()
         .forward(
-            h2,
+            h.reshape(-1, h.shape[-1]),
             down_weight,
             up_weight,
-            _scale_arg(scale_tensor, scale),
+            scale if scale_tensor is None else scale_tensor,
             activation,
             dropout_p,
-            _seed_int(seed),
+            None if seed is None else int(seed),
             res2,
         )
     )
     return out.reshape(*h.shape[:-1], d_out), saved
 
 
-@_bottleneck_op.register_fake
-def _(h, down_weight, up_weight, scale_tensor, scale, activation, dropout_p, seed, residual):
+def _fake(h, down_weight, up_weight, scale_tensor, scale, activation, dropout_p, seed, residual):
     b = down_weight.shape[0]
     n = h.numel() // h.shape[-1]
-    saves = _backend(h, b).module().SAVES_BOTTLENECK
+    saves = _backend(h, b, dropout_p).module().SAVES_BOTTLENECK
     return h.new_empty(*h.shape[:-1], up_weight.shape[0]), (h.new_empty(n, b) if saves else h.new_empty(0))
 
 
-@torch.library.custom_op("fastadapters::bottleneck_adapter_backward", mutates_args=())
-def _bottleneck_backward_op(
+def _backward_forward(
     grad: Tensor,
     h: Tensor,
     down_weight: Tensor,
@@ -225,21 +201,20 @@ def _bottleneck_backward_op(
     needs: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    h2 = h.reshape(-1, h.shape[-1])
-    g2 = grad.reshape(-1, grad.shape[-1])
+    """(dh, d_down, d_up, d_scale) from the backend that ran forward; empty where `needs` is False."""
     dh, dd, du, ds = (
-        BACKENDS[backend]
+        IMPLEMENTATIONS[backend]
         .module()
         .backward(
-            g2,
-            h2,
+            grad.reshape(-1, grad.shape[-1]),
+            h.reshape(-1, h.shape[-1]),
             down_weight,
             up_weight,
             saved,
-            _scale_arg(scale_tensor, scale),
+            scale if scale_tensor is None else scale_tensor,
             activation,
             dropout_p,
-            _seed_int(seed),
+            None if seed is None else int(seed),
             has_residual,
             tuple(needs),
         )
@@ -247,36 +222,21 @@ def _bottleneck_backward_op(
     empty = h.new_empty(0)
     return (
         empty if dh is None else dh.reshape(h.shape),
-        h.new_empty(0) if dd is None else dd,
-        h.new_empty(0) if du is None else du,
-        h.new_empty(0) if ds is None else ds.reshape(()),
+        empty if dd is None else dd,
+        empty if du is None else du,
+        empty if ds is None else ds.reshape(()),
     )
 
 
-@_bottleneck_backward_op.register_fake
-def _(
-    grad,
-    h,
-    down_weight,
-    up_weight,
-    saved,
-    scale_tensor,
-    scale,
-    activation,
-    dropout_p,
-    seed,
-    has_residual,
-    needs,
-    backend,
-):
+def _backward_fake(grad, h, down, up, saved, scale_t, scale, act, p, seed, has_residual, needs, backend):
     def like(flag, ref):
         return ref.new_empty(ref.shape) if flag else h.new_empty(0)
 
     d_scale = h.new_empty(()) if needs[3] else h.new_empty(0)
-    return like(needs[0], h), like(needs[1], down_weight), like(needs[2], up_weight), d_scale
+    return like(needs[0], h), like(needs[1], down), like(needs[2], up), d_scale
 
 
-def _setup_context(ctx, inputs, output):
+def _setup(ctx, inputs, output):
     h, down_weight, up_weight, scale_tensor, scale, activation, dropout_p, seed, residual = inputs
     ctx.needs = [
         h.requires_grad,
@@ -289,34 +249,22 @@ def _setup_context(ctx, inputs, output):
     ctx.has_residual = residual is not None
     ctx.has_scale_tensor, ctx.has_seed = scale_tensor is not None, seed is not None
     ctx.backend = _backend(h, down_weight.shape[0], dropout_p).name
-    # The second output (the saved intermediate) never gets a gradient: don't fill a zero one for it.
-    ctx.set_materialize_grads(False)
     extra = ([scale_tensor] if scale_tensor is not None else []) + ([seed] if seed is not None else [])
     ctx.save_for_backward(h, down_weight, up_weight, output[1], *extra)
 
 
-def _backward(ctx, grad, dsaved):
+def _backward(ctx, grads, run):
     h, down_weight, up_weight, saved, *extra = ctx.saved_tensors
     scale_tensor = extra.pop(0) if ctx.has_scale_tensor else None
     seed = extra[0] if ctx.has_seed else None
+    grad = grads[0]  # the second output (the saved intermediate) never gets a gradient
     if grad is None:
         grad = h.new_zeros(*h.shape[:-1], up_weight.shape[0])
     needs = ctx.needs
-    dh, dd, du, ds = _bottleneck_backward_op(
-        grad,
-        h,
-        down_weight,
-        up_weight,
-        saved,
-        scale_tensor,
-        ctx.scale,
-        ctx.activation,
-        ctx.dropout_p,
-        seed,
-        ctx.has_residual,
-        needs[:4],
-        ctx.backend,
-    )
+    dh, dd, du, ds = run(
+        grad, h, down_weight, up_weight, saved, scale_tensor, ctx.scale, ctx.activation, ctx.dropout_p, seed,
+        ctx.has_residual, needs[:4], ctx.backend,
+    )  # fmt: skip
     return (
         dh if needs[0] else None,
         dd if needs[1] else None,
@@ -330,7 +278,9 @@ def _backward(ctx, grad, dsaved):
     )
 
 
-_bottleneck_op.register_autograd(_backward, setup_context=_setup_context)
+_AUTOGRAD = Autograd(_setup, _backward, _backward_forward, _backward_fake)
+BOTTLENECK_ADAPTER = Op("bottleneck_adapter", _forward, _fake, autograd=_AUTOGRAD)
+_bottleneck_op = BOTTLENECK_ADAPTER.custom
 
 
 def _check_scale(scale, h: Tensor):
@@ -376,25 +326,11 @@ def bottleneck_adapter(
     C.check_like("up_weight", up, "h", h)
     if up.shape[1] != b:
         raise ValueError(f"up_weight must have shape (d_out, {b}) (d_out, bottleneck), got {C.describe(up)}")
-    d_out = up.shape[0]
-    if residual is None:
-        if d_out != d_in:
-            raise ValueError(
-                f"up_weight must have shape ({d_in}, {b}) for the series form (residual=None adds h), got "
-                f"{C.describe(up)}; pass residual for the parallel form"
-            )
-    else:
-        C.check_tensor("residual", residual, min_ndim=1)
-        C.check_like("residual", residual, "h", h)
-        C.check_shape("residual", residual, (*h.shape[:-1], d_out), "h's leading dims, d_out")
+    C.check_residual(residual, h, up.shape[0], "up_weight", up, (d_in, b))
     scale_tensor, scale_f = _check_scale(scale, h)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    p = C.check_dropout(dropout_p)
-    p = p if training else 0.0
-    seed = C.new_seed() if p > 0.0 else None
-    out, _ = _bottleneck_op(h, down, up, scale_tensor, scale_f, activation, p, seed, residual)
-    return out
+    _activations.check("activation", activation)
+    p, seed = C.dropout_and_seed(dropout_p, training)
+    return BOTTLENECK_ADAPTER(h, down, up, scale_tensor, scale_f, activation, p, seed, residual)[0]
 
 
 def bottleneck_dropout_mask(

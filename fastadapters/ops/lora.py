@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from fastadapters.ops import _checks as C
-from fastadapters.ops._dispatch import Backend, extension_reasons, select, traced, triton_reasons
+from fastadapters.ops._autograd import Autograd, Op
+from fastadapters.ops._dispatch import Backend, extension, no_reasons, register, select, triton_reasons
 
 
 class TorchLora:
@@ -153,26 +154,19 @@ class TorchLora:
         return dx, dws, dbs, dlas, dlbs
 
 
-def _lora_reasons(device, **info) -> list[str]:
-    return []
-
-
-def _cpu_reasons(device, **info) -> list[str]:
-    why = extension_reasons(device, "cpu")
-    if not why and not hasattr(torch.ops.fastadapters_C, "lora_forward"):
-        why = ["fastadapters._C has no CPU LoRA kernel"]
-    return why
-
-
-BACKENDS = {
-    "triton": Backend("triton", "fastadapters.kernels.lora", lambda device, **info: triton_reasons(device)),
-    "cpu": Backend("cpu", "fastadapters.ops._cpu_lora", _cpu_reasons),
-    "torch": Backend("torch", TorchLora, _lora_reasons),
-}
+IMPLEMENTATIONS = register(
+    "lora_linear",
+    {
+        "triton": Backend("triton", "fastadapters.kernels.lora", triton_reasons),
+        "cpu": Backend("cpu", "fastadapters.ops._cpu_lora", extension("cpu", "lora_forward")),
+        "torch": Backend("torch", TorchLora, no_reasons),
+    },
+)
+BACKENDS = IMPLEMENTATIONS  # the name this table had before (ops.BACKENDS is the tuple of backend names)
 
 
 def _backend(x: Tensor) -> Backend:
-    return select("lora_linear", BACKENDS, x.device, dtype=x.dtype)
+    return select("lora_linear", x.device, dtype=x.dtype)
 
 
 def _biases(biases, x: Tensor) -> list[Tensor]:
@@ -185,36 +179,7 @@ def _empty_if_none(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
-def _forward_impl(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed):
-    """The selected backend's forward on x flattened to 2-D: (ys, t, backend name). biases: None-able."""
-    backend = _backend(x)
-    x2 = x.reshape(-1, x.shape[-1])
-    ys, t = backend.module().forward(x2, weights, biases, lora_as, lora_bs, scales, dropout_p, seed)
-    return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys], t, backend.name
-
-
-def _backward_impl(dys, x, weights, lora_as, lora_bs, t, scales, dropout_p, seed, needs, backend):
-    """Gradients (dx, dws, dbs, dlas, dlbs), None where `needs` (flat: x, w.., b.., A.., B..) is False."""
-    k = len(weights)
-    split = (
-        needs[0],
-        needs[1 : 1 + k],
-        needs[1 + k : 1 + 2 * k],
-        needs[1 + 2 * k : 1 + 3 * k],
-        needs[1 + 3 * k :],
-    )
-    x2 = x.reshape(-1, x.shape[-1])
-    dys2 = [dy.reshape(-1, dy.shape[-1]) for dy in dys]
-    # The backend that ran forward, whatever is forced now: only it regenerates the same dropout mask.
-    impl = BACKENDS[backend].module()
-    dx, dws, dbs, dlas, dlbs = impl.backward(
-        dys2, x2, weights, lora_as, lora_bs, t, scales, dropout_p, seed, split
-    )
-    return (None if dx is None else dx.reshape(x.shape)), dws, dbs, dlas, dlbs
-
-
-@torch.library.custom_op("fastadapters::lora_linear", mutates_args=())
-def _lora_linear_op(
+def _forward(
     x: Tensor,
     weights: list[Tensor],
     biases: list[Tensor],
@@ -224,21 +189,21 @@ def _lora_linear_op(
     dropout_p: float,
     seed: Optional[Tensor],  # noqa: UP045
 ) -> tuple[list[Tensor], Tensor]:
+    """The selected backend's forward on x flattened to 2-D: (ys, t); biases: empty tensor = no bias."""
     seed_int = None if seed is None else int(seed)
     biases = [None if b.numel() == 0 else b for b in biases]
-    ys, t, _ = _forward_impl(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed_int)
-    return ys, t
+    x2 = x.reshape(-1, x.shape[-1])
+    ys, t = _backend(x).module().forward(x2, weights, biases, lora_as, lora_bs, scales, dropout_p, seed_int)
+    return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys], t
 
 
-@_lora_linear_op.register_fake
-def _(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed):
+def _fake(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed):
     rank = sum(a.shape[0] for a in lora_as)
     n = x.numel() // x.shape[-1]
     return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights], x.new_empty(n, rank)
 
 
-@torch.library.custom_op("fastadapters::lora_linear_backward", mutates_args=())
-def _lora_linear_backward_op(
+def _backward_forward(
     dys: list[Tensor],
     x: Tensor,
     weights: list[Tensor],
@@ -251,13 +216,36 @@ def _lora_linear_backward_op(
     needs: list[bool],
     backend: str,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    seed_int = None if seed is None else int(seed)
-    dx, dws, dbs, dlas, dlbs = _backward_impl(
-        dys, x, weights, lora_as, lora_bs, t, scales, dropout_p, seed_int, needs, backend
+    """Gradients (dx, dws, dbs, dlas, dlbs), empty where `needs` (flat: x, w.., b.., A.., B..) is False."""
+    k = len(weights)
+    split = (
+        needs[0],
+        needs[1 : 1 + k],
+        needs[1 + k : 1 + 2 * k],
+        needs[1 + 2 * k : 1 + 3 * k],
+        needs[1 + 3 * k :],
     )
-    dx = x.new_empty(0) if dx is None else dx
+    x2 = x.reshape(-1, x.shape[-1])
+    dys2 = [dy.reshape(-1, dy.shape[-1]) for dy in dys]
+    # The backend that ran forward, whatever is forced now: only it regenerates the same dropout mask.
+    dx, dws, dbs, dlas, dlbs = (
+        IMPLEMENTATIONS[backend]
+        .module()
+        .backward(
+            dys2,
+            x2,
+            weights,
+            lora_as,
+            lora_bs,
+            t,
+            scales,
+            dropout_p,
+            None if seed is None else int(seed),
+            split,
+        )
+    )
     return (
-        dx,
+        x.new_empty(0) if dx is None else dx.reshape(x.shape),
         [_empty_if_none(g, x) for g in dws],
         [_empty_if_none(g, x) for g in dbs],
         [_empty_if_none(g, x) for g in dlas],
@@ -265,8 +253,7 @@ def _lora_linear_backward_op(
     )
 
 
-@_lora_linear_backward_op.register_fake
-def _(dys, x, weights, lora_as, lora_bs, t, scales, dropout_p, seed, needs, backend):
+def _backward_fake(dys, x, weights, lora_as, lora_bs, t, scales, dropout_p, seed, needs, backend):
     k = len(weights)
 
     def like(flag, ref):
@@ -281,7 +268,7 @@ def _(dys, x, weights, lora_as, lora_bs, t, scales, dropout_p, seed, needs, back
     )
 
 
-def _setup_context(ctx, inputs, output):
+def _setup(ctx, inputs, output):
     x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed = inputs
     ctx.needs = [
         x.requires_grad,
@@ -296,24 +283,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, output[1], *weights, *lora_as, *lora_bs, *([seed] if seed is not None else []))
 
 
-def _unpack(ctx, dys):
-    """(x, t, weights, lora_as, lora_bs, extra saved, dys) from saved tensors laid out as (x, t, k weights,
-    k A, k B, extra...), the upstream gradients that are None (outputs unused) replaced by zeros."""
-    k = ctx.k
+def _backward(ctx, grads, run):
+    k, needs = ctx.k, ctx.needs
     x, t, *rest = ctx.saved_tensors
     weights, lora_as, lora_bs = list(rest[:k]), list(rest[k : 2 * k]), list(rest[2 * k : 3 * k])
-    dys = [x.new_zeros(*x.shape[:-1], w.shape[0]) if dy is None else dy for dy, w in zip(dys, weights)]
-    return x, t, weights, lora_as, lora_bs, rest[3 * k :], dys
-
-
-def _backward(ctx, dys, dt):
-    k = ctx.k
-    x, t, weights, lora_as, lora_bs, extra, dys = _unpack(ctx, dys)
-    seed = extra[0] if ctx.has_seed else None
-    dx, dws, dbs, dlas, dlbs = _lora_linear_backward_op(
-        dys, x, weights, lora_as, lora_bs, t, ctx.scales, ctx.dropout_p, seed, ctx.needs, ctx.backend
+    seed = rest[3 * k] if ctx.has_seed else None
+    # Upstream gradients of unused outputs arrive as None: zeros of the output's shape.
+    dys = [x.new_zeros(*x.shape[:-1], w.shape[0]) if dy is None else dy for dy, w in zip(grads[0], weights)]
+    dx, dws, dbs, dlas, dlbs = run(
+        dys, x, weights, lora_as, lora_bs, t, ctx.scales, ctx.dropout_p, seed, needs, ctx.backend
     )
-    needs = ctx.needs
 
     def pick(grads, flags):
         return [g if n else None for g, n in zip(grads, flags)]
@@ -330,45 +309,9 @@ def _backward(ctx, dys, dt):
     )
 
 
-_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerLoraLinear(torch.autograd.Function):
-    """The eager twin of the custom op: the same backend calls, without the custom op's per-call cost
-    (pytree flattening, redispatch: about 0.8 ms per layer, forward and backward) where no compiler or
-    functorch transform needs the op. Inputs: (k, scales, dropout_p, seed, x, *weights, *biases,
-    *lora_as, *lora_bs), biases None-able; outputs: the k ys."""
-
-    @staticmethod
-    def forward(ctx, k, scales, dropout_p, seed, x, *tensors):
-        weights, biases, lora_as, lora_bs = (list(tensors[i * k : (i + 1) * k]) for i in range(4))
-        ys, t, ctx.backend = _forward_impl(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seed)
-        ctx.k, ctx.scales, ctx.dropout_p, ctx.seed = k, scales, dropout_p, seed
-        ctx.save_for_backward(x, t, *weights, *lora_as, *lora_bs)
-        return tuple(ys)
-
-    @staticmethod
-    def backward(ctx, *dys):
-        x, t, weights, lora_as, lora_bs, _, dys = _unpack(ctx, dys)
-        needs = list(ctx.needs_input_grad[4:])
-        dx, dws, dbs, dlas, dlbs = _backward_impl(
-            dys, x, weights, lora_as, lora_bs, t, ctx.scales, ctx.dropout_p, ctx.seed, needs, ctx.backend
-        )
-        return (None, None, None, None, dx, *dws, *dbs, *dlas, *dlbs)
-
-
-def _run(x, weights, biases, lora_as, lora_bs, scales, dropout_p) -> list[Tensor]:
-    """ys of the LoRA op with a fresh dropout seed: the custom op when traced, else the eager Function."""
-    seed = C.new_seed() if dropout_p > 0.0 else None
-    if traced(x):
-        ys, _ = _lora_linear_op(x, weights, _biases(biases, x), lora_as, lora_bs, scales, dropout_p, seed)
-        return ys
-    seed = None if seed is None else int(seed)
-    return list(
-        _EagerLoraLinear.apply(
-            len(weights), scales, dropout_p, seed, x, *weights, *biases, *lora_as, *lora_bs
-        )
-    )
+_AUTOGRAD = Autograd(_setup, _backward, _backward_forward, _backward_fake)
+LORA_LINEAR = Op("lora_linear", _forward, _fake, tensor_lists=(1, 2, 3, 4), autograd=_AUTOGRAD)
+_lora_linear_op = LORA_LINEAR.custom
 
 
 def _check_member(i: int, x: Tensor, weight, bias, lora_a, lora_b, scale, grouped: bool):
@@ -412,8 +355,8 @@ def lora_linear(
     """
     C.check_tensor("x", x, min_ndim=1)
     scale = _check_member(0, x, weight, bias, lora_a, lora_b, scale, grouped=False)
-    p = C.check_dropout(dropout_p)
-    return _run(x, [weight], [bias], [lora_a], [lora_b], [scale], p if training else 0.0)[0]
+    p, seed = C.dropout_and_seed(dropout_p, training)
+    return LORA_LINEAR(x, [weight], _biases([bias], x), [lora_a], [lora_b], [scale], p, seed)[0][0]
 
 
 def lora_linear_grouped(
@@ -442,8 +385,8 @@ def lora_linear_grouped(
         _check_member(i, x, *m, grouped=True)
         for i, m in enumerate(zip(weights, biases, lora_as, lora_bs, scales))
     ]
-    p = C.check_dropout(dropout_p)
-    return _run(x, list(weights), list(biases), list(lora_as), list(lora_bs), scales, p if training else 0.0)
+    p, seed = C.dropout_and_seed(dropout_p, training)
+    return LORA_LINEAR(x, list(weights), _biases(biases, x), list(lora_as), list(lora_bs), scales, p, seed)[0]
 
 
 def lora_dropout_mask(shape, dropout_p: float, seed: int, device, dtype=torch.float32) -> Tensor:

@@ -2,7 +2,7 @@
 
 One custom op, `fastadapters::prefix_attention`, returns the output and the row log-sum-exp (lse) that
 backward needs; backward is a second custom op. The prefix (prefix tuning's learned keys/values) is
-shared by the batch ([Hkv, P, D]) or chosen per row ([A, Hkv, P, D] with prefix_ids, -1 = none). It is
+shared by the batch ([Hkv, P, D]) or chosen per row ([A, Hkv, P, D] with adapter_ids, -1 = none). It is
 never concatenated to the keys: the Triton kernel reads it through its own pointer; the torch backend
 attends to it as a separate block (on the CPU the batch flattened into one query sequence, so a shared
 prefix is not copied per row either) and merges the two blocks by log-sum-exp.
@@ -16,20 +16,22 @@ Attention masks the op accepts (they cover the sequence keys only; the prefix is
 key at all (no prefix, every key masked) outputs zeros and has lse = +inf, which makes its backward zero.
 
 Backends implement, on q [B, Hq, S, D], k/v [B, Hkv, S_kv, D], prefix [A, Hkv, P, D]:
-    forward(q, k, v, prefix_k, prefix_v, mask, mask_kind, causal, scale, prefix_ids) -> (out, lse)
-    backward(dout, q, k, v, prefix_k, prefix_v, out, lse, mask, mask_kind, causal, scale, prefix_ids, needs)
+    forward(q, k, v, prefix_k, prefix_v, mask, mask_kind, causal, scale, adapter_ids) -> (out, lse)
+    backward(dout, q, k, v, prefix_k, prefix_v, out, lse, mask, mask_kind, causal, scale, adapter_ids, needs)
         -> (dq, dk, dv, dprefix_k, dprefix_v), None where `needs` (5 flags) says not needed
-`mask` is None for kind 0; `prefix_ids` is None when the prefix is shared (A = 1); out is [B, Hq, S, D]
+`mask` is None for kind 0; `adapter_ids` is None when the prefix is shared (A = 1); out is [B, Hq, S, D]
 in q's dtype, lse is [B, Hq, S] float32; prefix gradients are [A, Hkv, P, D] reduced over the batch.
 """
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
 from fastadapters.ops import _checks as C
-from fastadapters.ops._dispatch import Backend, select, triton_reasons
+from fastadapters.ops._autograd import Autograd, Op
+from fastadapters.ops._dispatch import Backend, no_reasons, register, select, triton_reasons
 
 NONE, KEY_PADDING, BOOL_4D, ADDITIVE_4D = 0, 1, 2, 3
 
@@ -83,15 +85,15 @@ class _PrefixSide:
     and the batch reduction of its gradient is the GEMM's own sum. A per-row prefix gathers each row's
     [Hkv, P, D] (X = B·Hq, M = S). GQA repeats the prefix (not the queries) per query head."""
 
-    def __init__(self, q: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_ids):
+    def __init__(self, q: Tensor, prefix_k: Tensor, prefix_v: Tensor, adapter_ids):
         B, Hq, S, D = q.shape
         A, Hkv, P, _ = prefix_k.shape
         self.B, self.Hq, self.S, self.Hkv, self.G, self.P, self.A = B, Hq, S, Hkv, Hq // Hkv, P, A
-        self.ids = prefix_ids
-        if prefix_ids is None:
+        self.ids = adapter_ids
+        if adapter_ids is None:
             pk, pv = prefix_k[0], prefix_v[0]  # [Hkv, P, D]
         else:
-            rows = prefix_ids.clamp(min=0)
+            rows = adapter_ids.clamp(min=0)
             pk, pv = prefix_k[rows].reshape(B * Hkv, P, D), prefix_v[rows].reshape(B * Hkv, P, D)
         self.pk = pk.repeat_interleave(self.G, 0) if self.G > 1 else pk  # [X, P, D]
         self.pv = pv.repeat_interleave(self.G, 0) if self.G > 1 else pv
@@ -171,7 +173,7 @@ class TorchPrefixAttention:
         return scores  # [B, Hkv, G, S, S_kv]
 
     @staticmethod
-    def forward(q, k, v, prefix_k, prefix_v, mask, mask_kind, causal, scale, prefix_ids):
+    def forward(q, k, v, prefix_k, prefix_v, mask, mask_kind, causal, scale, adapter_ids):
         B, Hq, S, D = q.shape
         Hkv, S_kv = k.shape[1], k.shape[2]
         G = Hq // Hkv
@@ -190,7 +192,7 @@ class TorchPrefixAttention:
             lse_s = lse_s.masked_fill(~alive.squeeze(-1), float("-inf"))
         # Rows that see nothing get lse = +inf: every probability exp(s - lse) is then exactly 0. Rows
         # that see no sequence key have weight exp(lse_s - lse) = 0 on out_s (which is 0 there).
-        if cpu_flash and prefix_ids is None:
+        if cpu_flash and adapter_ids is None:
             out_p, lse_p = _cpu_flash(_flat(q), prefix_k, prefix_v, 0.0, False, scale=scale)
             lse_p = lse_p[0].transpose(0, 1).reshape(B, S, Hq).transpose(1, 2)
             lse = torch.logaddexp(lse_s, lse_p)
@@ -198,7 +200,7 @@ class TorchPrefixAttention:
             out = f32(out_s) * torch.exp(lse_s - lse).unsqueeze(-1)
             out.addcmul_(f32(_unflat(out_p, B, S)), torch.exp(lse_p - lse).unsqueeze(-1))
             return out.to(q.dtype), lse
-        side = _PrefixSide(q, prefix_k, prefix_v, prefix_ids)
+        side = _PrefixSide(q, prefix_k, prefix_v, adapter_ids)
         scores_p = side.scores(side.to_x(q), scale)  # [X, P, M]
         lse = torch.logaddexp(lse_s, side.from_x(torch.logsumexp(scores_p, 1)))
         lse = torch.where(torch.isneginf(lse), float("inf"), lse)
@@ -213,7 +215,7 @@ class TorchPrefixAttention:
 
     @staticmethod
     def backward(
-        dout, q, k, v, prefix_k, prefix_v, out, lse, mask, mask_kind, causal, scale, prefix_ids, needs
+        dout, q, k, v, prefix_k, prefix_v, out, lse, mask, mask_kind, causal, scale, adapter_ids, needs
     ):
         B, Hq, S, D = q.shape
         Hkv, S_kv = k.shape[1], k.shape[2]
@@ -223,7 +225,9 @@ class TorchPrefixAttention:
         bias, use_flag, _ = _seq_bias(q, mask, mask_kind, causal, S, S_kv, q.dtype)
         cpu_flash = TorchPrefixAttention._use_cpu_flash(q)
         dq = dk = dv = dpk = dpv = None
-        delta = None if cpu_flash and prefix_ids is None else (f32(dout) * f32(out)).sum(-1)  # rowsum(dO ∘ O)
+        delta = (
+            None if cpu_flash and adapter_ids is None else (f32(dout) * f32(out)).sum(-1)
+        )  # rowsum(dO ∘ O)
         if need_q or need_k or need_v:
             if cpu_flash:
                 dq, dk, dv = _cpu_flash_backward(
@@ -239,7 +243,7 @@ class TorchPrefixAttention:
                 ds = probs * (dp - delta.reshape(B, Hkv, G * S, 1))
                 dq = torch.matmul(ds, k.float()).mul_(scale).reshape(B, Hq, S, D)
                 dk = torch.matmul(ds.transpose(-1, -2), q.reshape(B, Hkv, G * S, D).float()).mul_(scale)
-        if cpu_flash and prefix_ids is None:
+        if cpu_flash and adapter_ids is None:
             if need_q or need_pk or need_pv:
                 lse_flat = lse.transpose(0, 1).reshape(1, Hq, B * S)
                 dq_p, dpk, dpv = _cpu_flash_backward(
@@ -248,7 +252,7 @@ class TorchPrefixAttention:
                 if need_q:
                     dq = dq.add_(_unflat(dq_p, B, S))
         else:
-            side = _PrefixSide(q, prefix_k, prefix_v, prefix_ids)
+            side = _PrefixSide(q, prefix_k, prefix_v, adapter_ids)
             q_x, do_x = side.to_x(q), side.to_x(dout)
             probs_p = torch.exp(side.scores(q_x, scale) - side.to_x(lse).unsqueeze(1))  # [X, P, M]
             dp = torch.bmm(side.pv.to(do_x.dtype), do_x.transpose(1, 2)).float()
@@ -278,10 +282,6 @@ def _as_float(t: Tensor) -> Tensor:
 MAX_TRITON_HEAD_DIM = 256
 
 
-def _torch_reasons(device, **info) -> list[str]:
-    return []
-
-
 def _triton_reasons(device, head_dim=None, **info) -> list[str]:
     why = triton_reasons(device)
     if head_dim is not None and head_dim > MAX_TRITON_HEAD_DIM:
@@ -289,14 +289,18 @@ def _triton_reasons(device, head_dim=None, **info) -> list[str]:
     return why
 
 
-BACKENDS = {
-    "triton": Backend("triton", "fastadapters.kernels.prefix_attention", _triton_reasons),
-    "torch": Backend("torch", TorchPrefixAttention, _torch_reasons),
-}
+IMPLEMENTATIONS = register(
+    "prefix_attention",
+    {
+        "triton": Backend("triton", "fastadapters.kernels.prefix_attention", _triton_reasons),
+        "torch": Backend("torch", TorchPrefixAttention, no_reasons),
+    },
+)
+BACKENDS = IMPLEMENTATIONS  # the name this table had before (ops.BACKENDS is the tuple of backend names)
 
 
 def _backend(q: Tensor) -> Backend:
-    return select("prefix_attention", BACKENDS, q.device, dtype=q.dtype, head_dim=q.shape[-1])
+    return select("prefix_attention", q.device, dtype=q.dtype, head_dim=q.shape[-1])
 
 
 def _like(t: Tensor, ref: Tensor) -> Tensor:
@@ -316,8 +320,7 @@ def _as4(prefix: Tensor) -> Tensor:
     return prefix if prefix.dim() == 4 else prefix.unsqueeze(0)
 
 
-@torch.library.custom_op("fastadapters::prefix_attention", mutates_args=())
-def _prefix_attention_op(
+def _forward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -327,10 +330,11 @@ def _prefix_attention_op(
     mask_kind: int,
     causal: bool,
     scale: float,
-    prefix_ids: Tensor,
+    adapter_ids: Tensor,
 ) -> tuple[Tensor, Tensor]:
+    """The selected backend's (out, lse); mask empty for kind 0, adapter_ids empty for a shared prefix."""
     mask_t = None if mask_kind == NONE else mask
-    ids = _none_if_empty(prefix_ids)
+    ids = _none_if_empty(adapter_ids)
     out, lse = (
         _backend(q)
         .module()
@@ -339,13 +343,11 @@ def _prefix_attention_op(
     return _like(out, q), lse.contiguous()
 
 
-@_prefix_attention_op.register_fake
-def _(q, k, v, prefix_k, prefix_v, mask, mask_kind, causal, scale, prefix_ids):
+def _fake(q, k, v, prefix_k, prefix_v, mask, mask_kind, causal, scale, adapter_ids):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("fastadapters::prefix_attention_backward", mutates_args=())
-def _prefix_attention_backward_op(
+def _backward_forward(
     dout: Tensor,
     q: Tensor,
     k: Tensor,
@@ -358,69 +360,51 @@ def _prefix_attention_backward_op(
     mask_kind: int,
     causal: bool,
     scale: float,
-    prefix_ids: Tensor,
+    adapter_ids: Tensor,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dprefix_k, dprefix_v), empty where `needs` is False."""
     mask_t = None if mask_kind == NONE else mask
-    ids = _none_if_empty(prefix_ids)
-    backend = _backend(q).module()
-    grads = backend.backward(
-        dout,
-        q,
-        k,
-        v,
-        _as4(prefix_k),
-        _as4(prefix_v),
-        out,
-        lse,
-        mask_t,
-        mask_kind,
-        causal,
-        scale,
-        ids,
-        tuple(needs),
-    )
+    ids = _none_if_empty(adapter_ids)
+    grads = (
+        _backend(q)
+        .module()
+        .backward(
+            dout, q, k, v, _as4(prefix_k), _as4(prefix_v), out, lse, mask_t, mask_kind, causal, scale, ids,
+            tuple(needs),
+        )
+    )  # fmt: skip
     refs = (q, k, v, prefix_k, prefix_v)
     return tuple(
         ref.new_empty(0) if g is None else _like(g.reshape(ref.shape), ref) for g, ref in zip(grads, refs)
     )
 
 
-@_prefix_attention_backward_op.register_fake
-def _(dout, q, k, v, prefix_k, prefix_v, out, lse, mask, mask_kind, causal, scale, prefix_ids, needs):
+def _backward_fake(dout, q, k, v, prefix_k, prefix_v, out, lse, mask, mask_kind, causal, scale, ids, needs):
     refs = (q, k, v, prefix_k, prefix_v)
     return tuple(torch.empty_like(ref) if n else ref.new_empty(0) for n, ref in zip(needs, refs))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, mask, mask_kind, causal, scale, prefix_ids = inputs
+def _setup(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, mask, mask_kind, causal, scale, adapter_ids = inputs
     ctx.needs = [t.requires_grad for t in (q, k, v, prefix_k, prefix_v)]
     ctx.mask_kind, ctx.causal, ctx.scale = mask_kind, causal, scale
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, output[0], output[1], mask, prefix_ids)
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, output[0], output[1], mask, adapter_ids)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, prefix_k, prefix_v, out, lse, mask, prefix_ids = ctx.saved_tensors
-    grads = _prefix_attention_backward_op(
-        dout,
-        q,
-        k,
-        v,
-        prefix_k,
-        prefix_v,
-        out,
-        lse,
-        mask,
-        ctx.mask_kind,
-        ctx.causal,
-        ctx.scale,
-        prefix_ids,
+def _backward(ctx, grads, run):
+    q, k, v, prefix_k, prefix_v, out, lse, mask, adapter_ids = ctx.saved_tensors
+    dout = torch.zeros_like(out) if grads[0] is None else grads[0]  # the lse output gets no gradient
+    grads = run(
+        dout, q, k, v, prefix_k, prefix_v, out, lse, mask, ctx.mask_kind, ctx.causal, ctx.scale, adapter_ids,
         ctx.needs,
-    )
+    )  # fmt: skip
     return (*[g if n else None for g, n in zip(grads, ctx.needs)], None, None, None, None, None)
 
 
-_prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_AUTOGRAD = Autograd(_setup, _backward, _backward_forward, _backward_fake)
+PREFIX_ATTENTION = Op("prefix_attention", _forward, _fake, autograd=_AUTOGRAD)
+_prefix_attention_op = PREFIX_ATTENTION.custom
 
 
 def _normalise_mask(attention_mask, q: Tensor, S_kv: int) -> tuple[Tensor, int]:
@@ -460,31 +444,32 @@ def _normalise_mask(attention_mask, q: Tensor, S_kv: int) -> tuple[Tensor, int]:
     )
 
 
-def _check_prefix_ids(prefix_ids, prefix_k: Tensor, B: int, q: Tensor) -> Tensor:
+def _check_adapter_ids(name: str, ids, prefix_k: Tensor, B: int, q: Tensor) -> Tensor:
+    """The per-row prefix choice as int64 [B] (empty for a shared prefix); `name`: the argument as passed."""
     if prefix_k.dim() == 3:
-        if prefix_ids is not None:
+        if ids is not None:
             raise ValueError(
-                "prefix_ids must be None when prefix_k is shared [Hkv, P, D], "
+                f"{name} must be None when prefix_k is shared [Hkv, P, D], "
                 f"got prefix_k {C.describe(prefix_k)}"
             )
         return q.new_empty(0, dtype=torch.int64)
-    if prefix_ids is None:
+    if ids is None:
         raise ValueError(
-            f"prefix_k of shape {tuple(prefix_k.shape)} is per-adapter [A, Hkv, P, D]: pass prefix_ids [B]"
+            f"prefix_k of shape {tuple(prefix_k.shape)} is per-adapter [A, Hkv, P, D]: pass {name} [B]"
         )
-    if not isinstance(prefix_ids, Tensor) or prefix_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"prefix_ids must be an int32/int64 tensor, got {prefix_ids!r:.80}")
-    if prefix_ids.device != q.device:
-        raise ValueError(f"prefix_ids must be on q's device {q.device}, got {C.describe(prefix_ids)}")
-    C.check_shape("prefix_ids", prefix_ids, (B,), "batch")
+    if not isinstance(ids, Tensor) or ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32/int64 tensor, got {ids!r:.80}")
+    if ids.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {C.describe(ids)}")
+    C.check_shape(name, ids, (B,), "batch")
     A = prefix_k.shape[0]
     if B > 0:
-        lo, hi = int(prefix_ids.min()), int(prefix_ids.max())
+        lo, hi = int(ids.min()), int(ids.max())
         if lo < -1 or hi >= A:
             raise ValueError(
-                f"prefix_ids must lie in [-1, {A}) (A = {A} prefixes, -1 = none), got values in [{lo}, {hi}]"
+                f"{name} must lie in [-1, {A}) (A = {A} prefixes, -1 = none), got values in [{lo}, {hi}]"
             )
-    return prefix_ids.to(torch.int64).contiguous()
+    return ids.to(torch.int64).contiguous()
 
 
 def prefix_attention(
@@ -496,12 +481,15 @@ def prefix_attention(
     attention_mask: Tensor | None = None,
     causal: bool = True,
     scale: float | None = None,
+    adapter_ids: Tensor | None = None,
+    *,
     prefix_ids: Tensor | None = None,
 ) -> Tensor:
     """out = softmax(scale · q [P_k; K]ᵀ + mask) [P_v; V]: attention over a learned prefix, then the keys.
 
     q: [B, Hq, S, D]; k, v: [B, Hkv, S_kv, D] (Hq % Hkv == 0; S_kv >= S when causal, e.g. with a cache);
-    prefix_k, prefix_v: [Hkv, P, D] shared, or [A, Hkv, P, D] with prefix_ids: [B] int (-1 = no prefix);
+    prefix_k, prefix_v: [Hkv, P, D] shared, or [A, Hkv, P, D] with adapter_ids: [B] int (-1 = no prefix;
+    `prefix_ids`, its old name, still works and warns);
     attention_mask (sequence keys only): None, [B, S_kv] key padding (nonzero/True = keep), 4-D bool
     [B|1, Hq|1, S, S_kv] (True = attend) or 4-D float (added to the scores). The prefix is always visible;
     causal is bottom-right aligned. scale defaults to 1/sqrt(D). Returns [B, Hq, S, D] in q's dtype.
@@ -545,12 +533,17 @@ def prefix_attention(
         )
     if pp < 1 or (prefix_k.dim() == 4 and prefix_k.shape[0] < 1):
         raise ValueError(f"prefix_k must hold at least one prefix token (P >= 1), got {C.describe(prefix_k)}")
-    ids = _check_prefix_ids(prefix_ids, prefix_k, B, q)
+    ids_name = "adapter_ids"
+    if prefix_ids is not None:
+        if adapter_ids is not None:
+            raise TypeError("pass adapter_ids or its deprecated alias prefix_ids, not both")
+        warnings.warn("prefix_attention(prefix_ids=) is deprecated; pass adapter_ids=", DeprecationWarning, 2)
+        adapter_ids, ids_name = prefix_ids, "prefix_ids"
+    ids = _check_adapter_ids(ids_name, adapter_ids, prefix_k, B, q)
     mask, kind = _normalise_mask(attention_mask, q, S_kv)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     scale = C.check_scale("scale", scale)
     if q.numel() == 0:
         return q.new_zeros(q.shape) + 0 * (k.sum() + v.sum() + prefix_k.sum() + prefix_v.sum())
-    out, _ = _prefix_attention_op(q, k, v, prefix_k, prefix_v, mask, kind, bool(causal), scale, ids)
-    return out
+    return PREFIX_ATTENTION(q, k, v, prefix_k, prefix_v, mask, kind, bool(causal), scale, ids)[0]
