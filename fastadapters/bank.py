@@ -284,7 +284,7 @@ def bank_attention_forward(module, query, key, value, attention_mask, scaling=No
     def attend(q, k, v, mask, prefix_k, prefix_v, adapter_ids):
         return ops.prefix_attention(
             q, k, v, prefix_k, prefix_v, attention_mask=mask, causal=causal, scale=scaling,
-            prefix_ids=adapter_ids,
+            adapter_ids=adapter_ids,
         )  # fmt: skip
 
     if len(used) <= 1:
