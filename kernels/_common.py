@@ -3,9 +3,9 @@
 Host side: `pow2` block sizes, `dtype_flags` (UPCAST: bf16 tiles become fp32 under the interpreter, whose
 bf16 arithmetic is wrong; IEEE: fp32 dots stay full precision unless torch allows tf32), `wide` (dropout
 counters past int32) and `launch`, which honours FASTADAPTERS_AUTOTUNE=0 for every autotuned kernel.
-Device side, @triton.jit helpers: `dot` (the precision rule), `load_tile`/`store_tile` (masked, int64
-offsets), `mm_loop` (one K loop with optional dropout on either operand), `keep`/`keep_2d` (the dropout
-keep test: tl.rand(seed, element index) >= p) and `activation` (f(z) and f'(z) by ACTIVATIONS code).
+Device side, @triton.jit helpers: `dot` (the precision rule); `tile_offsets`, `load_tile`, `store_tile`
+(masked, int64 offsets); `mm_loop`/`mm_loop_dropout` (one K loop, optional dropout on either operand);
+`keep`/`keep_2d` (the dropout keep test: tl.rand(seed, element index) >= p); `activation` (f(z), f'(z)).
 """
 
 import os
@@ -94,12 +94,17 @@ def dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def tile_offsets(offs_r, offs_c, stride_r, stride_c):
+    """The [len(offs_r), len(offs_c)] element offsets r · stride_r + c · stride_c, in int64."""
+    # int64 offsets: strided views (a transposed x) overflow int32 long before the tensor is large.
+    return offs_r.to(tl.int64)[:, None] * stride_r + offs_c.to(tl.int64)[None, :] * stride_c
+
+
+@triton.jit
 def load_tile(ptr, offs_r, offs_c, n_r, n_c, stride_r, stride_c, UPCAST: tl.constexpr):
     """The [len(offs_r), len(offs_c)] tile at ptr[r · stride_r + c · stride_c], 0 outside [n_r, n_c]."""
     mask = (offs_r[:, None] < n_r) & (offs_c[None, :] < n_c)
-    # int64 offsets: strided views (a transposed x) overflow int32 long before the tensor is large.
-    offs = offs_r.to(tl.int64)[:, None] * stride_r + offs_c.to(tl.int64)[None, :] * stride_c
-    tile = tl.load(ptr + offs, mask=mask, other=0.0)
+    tile = tl.load(ptr + tile_offsets(offs_r, offs_c, stride_r, stride_c), mask=mask, other=0.0)
     if UPCAST:
         tile = tile.to(tl.float32)
     return tile
@@ -109,7 +114,7 @@ def load_tile(ptr, offs_r, offs_c, n_r, n_c, stride_r, stride_c, UPCAST: tl.cons
 def store_tile(ptr, value, offs_r, offs_c, n_r, n_c, stride_r, stride_c):
     """Stores value (cast to ptr's element type) at ptr[r · stride_r + c · stride_c] inside [n_r, n_c]."""
     mask = (offs_r[:, None] < n_r) & (offs_c[None, :] < n_c)
-    offs = offs_r.to(tl.int64)[:, None] * stride_r + offs_c.to(tl.int64)[None, :] * stride_c
+    offs = tile_offsets(offs_r, offs_c, stride_r, stride_c)
     tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
 
 
