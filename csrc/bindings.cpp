@@ -356,6 +356,20 @@ void check_bottleneck(const at::Tensor& h, const at::Tensor& down, const at::Ten
                 up.sizes());
 }
 
+// The residual the op adds: rows of h's dtype, [n, d_out]. Undefined in the series form (the residual is h
+// itself), which needs d_out == d_in.
+at::Tensor bottleneck_residual(const std::optional<at::Tensor>& residual_in, const at::Tensor& h, int64_t d_out) {
+    if (!residual_in.has_value() || !residual_in->defined()) {
+        TORCH_CHECK(d_out == h.size(1), "without a residual (series form) d_out must equal d_in");
+        return at::Tensor();
+    }
+    const at::Tensor residual = as_rows(*residual_in);
+    const int64_t n = h.size(0);
+    CHECK_DTYPE(residual, h.scalar_type());
+    CHECK_SHAPE(residual, n, d_out);
+    return residual;
+}
+
 float scale_value(const std::optional<at::Tensor>& scale_tensor, double scale) {
     return scale_tensor.has_value() && scale_tensor->defined() ? scale_tensor->to(at::kFloat).item<float>()
                                                                 : static_cast<float>(scale);
@@ -370,14 +384,7 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_forward(const at::Tensor& h_in, co
     const at::Tensor h = as_rows(h_in);
     check_bottleneck(h, down, up);
     const int64_t n = h.size(0), d_in = h.size(1), b = down.size(0), d_out = up.size(0);
-    at::Tensor residual;
-    if (residual_in.has_value() && residual_in->defined()) {
-        residual = as_rows(*residual_in);
-        CHECK_DTYPE(residual, h.scalar_type());
-        CHECK_SHAPE(residual, n, d_out);
-    } else {
-        TORCH_CHECK(d_out == d_in, "without a residual (series form) d_out must equal d_in");
-    }
+    const at::Tensor residual = bottleneck_residual(residual_in, h, d_out);
     const at::Tensor down32 = f32(down), up32 = f32(up);
     at::Tensor out = at::empty({n, d_out}, h.options()), z = at::empty({n, b}, h.options());
     fc::bottleneck_forward(kernel_dtype(h), h.data_ptr(), h.stride(0), n, d_in, down32.data_ptr<float>(), b,
@@ -536,14 +543,8 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_forward_cuda(const at::Tensor& h_i
     check_bottleneck(h, down, up);
     cpu_activation(activation);  // range check
     const int64_t n = h.size(0), d_in = h.size(1), b = down.size(0), d_out = up.size(0);
-    at::Tensor residual = h;
-    if (residual_in.has_value() && residual_in->defined()) {
-        residual = as_rows(*residual_in);
-        CHECK_DTYPE(residual, h.scalar_type());
-        CHECK_SHAPE(residual, n, d_out);
-    } else {
-        TORCH_CHECK(d_out == d_in, "without a residual (series form) d_out must equal d_in");
-    }
+    at::Tensor residual = bottleneck_residual(residual_in, h, d_out);
+    if (!residual.defined()) residual = h;
     void* stream = current_stream(h);
     const void* sp = scale_ptr(scale_tensor, h);
     const fc::Dropout drop = make_dropout(p, seed);

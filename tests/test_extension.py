@@ -234,6 +234,24 @@ def test_multi_lora_cpu_empty_and_3d():
 # --------------------------------------------------------------------------------------------- bottleneck
 
 
+def check_bottleneck(dtype, activation, out, grad, h, down, up, scale, keep, p):
+    """out and the gradients out.backward(grad) left on h, down, up (and a tensor scale) against the fp32
+    reference with the backend's keep mask."""
+    hr, dr, ur = f32(h), f32(down), f32(up)
+    sr = f32(scale) if isinstance(scale, torch.Tensor) else scale
+    ref = reference.bottleneck_adapter(hr, dr, ur, sr, activation, dropout_mask=keep.float() / (1 - p))
+    ref.backward(grad.float())
+    assert_close(out, ref, dtype, "out")
+    for name, got, want in [
+        ("dh", h.grad, hr.grad),
+        ("d_down", down.grad, dr.grad),
+        ("d_up", up.grad, ur.grad),
+    ]:
+        assert_close(got, want, dtype, name)
+    if isinstance(scale, torch.Tensor):
+        assert_close(scale.grad, sr.grad, dtype, "d_scale")
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", bn_ops.ACTIVATIONS)
@@ -252,19 +270,7 @@ def test_bottleneck_cpu_matches_reference(dtype, activation):
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     with ops.use_backend("cpu"):
         keep = bn_ops.bottleneck_dropout_mask((n, d), 0.1, seed, "cpu")
-    hr, dr, ur = f32(h), f32(down), f32(up)
-    sr = f32(scale) if isinstance(scale, torch.Tensor) else scale
-    ref = reference.bottleneck_adapter(hr, dr, ur, sr, activation, dropout_mask=keep.float() / 0.9)
-    ref.backward(grad.float())
-    assert_close(out, ref, dtype, "out")
-    for name, got, want in [
-        ("dh", h.grad, hr.grad),
-        ("d_down", down.grad, dr.grad),
-        ("d_up", up.grad, ur.grad),
-    ]:
-        assert_close(got, want, dtype, name)
-    if isinstance(scale, torch.Tensor):
-        assert_close(scale.grad, sr.grad, dtype, "d_scale")
+    check_bottleneck(dtype, activation, out, grad, h, down, up, scale, keep, 0.1)
 
 
 @needs_ext
@@ -535,17 +541,7 @@ def test_bottleneck_cuda_matches_reference(dtype, n, activation):
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     # The CPU kernels' mask: the CUDA kernels must draw the very same bits (csrc/dropout_hash.h).
     keep = torch.ops.fastadapters_C.dropout_mask([n, d], p, seed).to(dev)
-    hr, dr, ur, sr = f32(h), f32(down), f32(up), f32(scale)
-    ref = reference.bottleneck_adapter(hr, dr, ur, sr, activation, dropout_mask=keep.float() / (1 - p))
-    ref.backward(grad.float())
-    assert_close(out, ref, dtype, "out")
-    for name, got, want in [
-        ("dh", h.grad, hr.grad),
-        ("d_down", down.grad, dr.grad),
-        ("d_up", up.grad, ur.grad),
-    ]:
-        assert_close(got, want, dtype, name)
-    assert_close(scale.grad, sr.grad, dtype, "d_scale")
+    check_bottleneck(dtype, activation, out, grad, h, down, up, scale, keep, p)
 
 
 @needs_cuda
