@@ -145,14 +145,19 @@ def drive_bottleneck(K):
             for b in sizes:  # fused forward; the two-kernel forward past FUSED_MAX_BOTTLENECK
                 n, d = 33, 80
                 h, down, up = empty(n, d, dtype=dtype), empty(b, d, dtype=dtype), empty(d, b, dtype=dtype)
-                scales = (0.5, torch.empty((), dtype=dtype)) if act == "gelu" else (0.5,)
-                for scale in scales:
-                    for p, seed in ((0.0, None), (0.1, 5)) if act == "gelu" else ((0.0, None),):
-                        LABEL[0] = f"bottleneck {dtype} {act} b={b} scale={type(scale).__name__} p={p}"
-                        K.forward(h, down, up, scale, act, p, seed, None)
-                        for residual in (False,) if QUICK[0] else (False, True):
-                            needs = (True, True, True, isinstance(scale, torch.Tensor))
-                            K.backward(h, h, down, up, None, scale, act, p, seed, residual, needs)
+                # (scale, dropout_p, seed): a float or a learned (tensor) scale, with and without dropout.
+                variants = [(0.5, 0.0, None)]
+                if act == "gelu":
+                    tensor_scale = torch.empty((), dtype=dtype)
+                    variants = [(0.5, 0.0, None), (tensor_scale, 0.1, 5)]
+                    if not QUICK[0]:
+                        variants += [(0.5, 0.1, 5), (tensor_scale, 0.0, None)]
+                for scale, p, seed in variants:
+                    LABEL[0] = f"bottleneck {dtype} {act} b={b} scale={type(scale).__name__} p={p}"
+                    K.forward(h, down, up, scale, act, p, seed, None)
+                    for residual in (False,) if QUICK[0] else (False, True):
+                        needs = (True, True, True, isinstance(scale, torch.Tensor))
+                        K.backward(h, h, down, up, None, scale, act, p, seed, residual, needs)
     LABEL[0] = "bottleneck mask"
     K.dropout_mask((7, 9), 0.1, 3, "cpu")
 
