@@ -227,7 +227,7 @@ def _stats(compiled) -> dict:
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True)
         sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
     res = {k: int(v) for k, v in re.findall(r"(REG|SHARED|LOCAL|STACK):(\d+)", usage.stdout)}
-    res["sass"] = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+\S", sass, flags=re.M))
+    res["sass"] = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, flags=re.M))
     return res
 
 
