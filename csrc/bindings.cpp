@@ -15,6 +15,7 @@
 #include <ATen/ops/scalar_tensor.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -67,6 +68,17 @@ fc::DType kernel_dtype(const at::Tensor& t) {
 at::Tensor as_rows(const at::Tensor& x) { return x.stride(-1) == 1 && x.stride(0) >= 1 ? x : x.contiguous(); }
 
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// Whether an optional bias is given (None and empty tensors mean no bias).
+bool present(const std::optional<at::Tensor>& bias) { return bias.has_value() && bias->defined() && bias->numel() > 0; }
+
+// The fp32 copy of a bias of length d_out, kept alive in `keep`; nullptr when there is none.
+const float* bias_f32(const std::optional<at::Tensor>& bias, int64_t d_out, std::vector<at::Tensor>& keep) {
+    if (!present(bias)) return nullptr;
+    CHECK_SHAPE(*bias, d_out);
+    keep.push_back(f32(*bias));
+    return keep.back().data_ptr<float>();
+}
 
 fc::Dropout make_dropout(double p, int64_t seed) {
     TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout_p must be in [0, 1), got ", p);
@@ -139,13 +151,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> lora_forward(const at::Tensor& x
         const int64_t d_out = weights[i].size(0), rank = lora_as[i].size(0);
         ys.push_back(at::empty({n, d_out}, x.options()));
         bts.push_back(f32(lora_bs[i].t().to(at::kFloat).mul(scales[i])));
-        const std::optional<at::Tensor> bias = biases.get(i);
-        const float* bias_ptr = nullptr;
-        if (bias.has_value() && bias->defined() && bias->numel() > 0) {
-            CHECK_SHAPE(*bias, d_out);
-            bias32.push_back(f32(*bias));
-            bias_ptr = bias32.back().data_ptr<float>();
-        }
+        const float* bias_ptr = bias_f32(biases.get(i), d_out, bias32);
         outs[i] = {ys.back().data_ptr(), bts.back().data_ptr<float>(), bias_ptr, d_out, rank, offset};
         offset += rank;
     }
@@ -308,13 +314,7 @@ std::vector<at::Tensor> multi_lora_forward(const at::Tensor& x_in, at::TensorLis
         const int64_t d_out = weights[m].size(0);
         ys.push_back(at::empty({n, d_out}, x.options()));
         bank_b32.push_back(f32(bank_bs[m]));
-        const std::optional<at::Tensor> bias = biases.get(m);
-        const float* bias_ptr = nullptr;
-        if (bias.has_value() && bias->defined() && bias->numel() > 0) {
-            CHECK_SHAPE(*bias, d_out);
-            bias32.push_back(f32(*bias));
-            bias_ptr = bias32.back().data_ptr<float>();
-        }
+        const float* bias_ptr = bias_f32(biases.get(m), d_out, bias32);
         members[m] = {ys.back().data_ptr(), bank_b32.back().data_ptr<float>(), bias_ptr, d_out,
                       ranks.data() + m * meta.n,  scale32.data() + m * meta.n,   meta.b_off.data() + m * meta.n,
                       meta.t_col.data() + m * meta.n};
@@ -330,8 +330,17 @@ std::vector<at::Tensor> multi_lora_forward(const at::Tensor& x_in, at::TensorLis
 // ---------------------------------------------------------------------------------------------------
 // bottleneck adapter: out = residual + scale · f(drop(h) Dᵀ) Uᵀ (residual = h when absent); saved z = drop(h) Dᵀ
 
+// "tanh, relu, …": the activations in code order, for error messages.
+std::string activation_names() {
+    std::string names;
+    for (int i = 0; i < fc::kNumActivations; ++i) names += (i ? ", " : "") + std::string(fc::kActivationNames[i]);
+    return names;
+}
+
+// The one range check of an activation code (the CPU and the CUDA bindings both call it).
 fc::Activation cpu_activation(int64_t act) {
-    TORCH_CHECK(act >= 0 && act <= 4, "activation must be 0..4 (tanh, relu, gelu, silu, sigmoid), got ", act);
+    TORCH_CHECK(act >= 0 && act < fc::kNumActivations, "activation must be a code 0..", fc::kNumActivations - 1,
+                " (", activation_names(), "), got ", act);
     return static_cast<fc::Activation>(act);
 }
 
@@ -345,6 +354,20 @@ void check_bottleneck(const at::Tensor& h, const at::Tensor& down, const at::Ten
     TORCH_CHECK(down.dim() == 2 && down.size(1) == h.size(1), "down must be [b, ", h.size(1), "], got ", down.sizes());
     TORCH_CHECK(up.dim() == 2 && up.size(1) == down.size(0), "up must be [d_out, ", down.size(0), "], got ",
                 up.sizes());
+}
+
+// The residual the op adds: rows of h's dtype, [n, d_out]. Undefined in the series form (the residual is h
+// itself), which needs d_out == d_in.
+at::Tensor bottleneck_residual(const std::optional<at::Tensor>& residual_in, const at::Tensor& h, int64_t d_out) {
+    if (!residual_in.has_value() || !residual_in->defined()) {
+        TORCH_CHECK(d_out == h.size(1), "without a residual (series form) d_out must equal d_in");
+        return at::Tensor();
+    }
+    const at::Tensor residual = as_rows(*residual_in);
+    const int64_t n = h.size(0);
+    CHECK_DTYPE(residual, h.scalar_type());
+    CHECK_SHAPE(residual, n, d_out);
+    return residual;
 }
 
 float scale_value(const std::optional<at::Tensor>& scale_tensor, double scale) {
@@ -361,14 +384,7 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_forward(const at::Tensor& h_in, co
     const at::Tensor h = as_rows(h_in);
     check_bottleneck(h, down, up);
     const int64_t n = h.size(0), d_in = h.size(1), b = down.size(0), d_out = up.size(0);
-    at::Tensor residual;
-    if (residual_in.has_value() && residual_in->defined()) {
-        residual = as_rows(*residual_in);
-        CHECK_DTYPE(residual, h.scalar_type());
-        CHECK_SHAPE(residual, n, d_out);
-    } else {
-        TORCH_CHECK(d_out == d_in, "without a residual (series form) d_out must equal d_in");
-    }
+    const at::Tensor residual = bottleneck_residual(residual_in, h, d_out);
     const at::Tensor down32 = f32(down), up32 = f32(up);
     at::Tensor out = at::empty({n, d_out}, h.options()), z = at::empty({n, b}, h.options());
     fc::bottleneck_forward(kernel_dtype(h), h.data_ptr(), h.stride(0), n, d_in, down32.data_ptr<float>(), b,
@@ -453,8 +469,7 @@ std::vector<at::Tensor> multi_lora_forward_cuda(const at::Tensor& x_in, at::Tens
     std::vector<at::Tensor> ys;
     for (int64_t m = 0; m < k; ++m) {
         const std::optional<at::Tensor> bias = biases.get(m);
-        const bool has_bias = bias.has_value() && bias->defined() && bias->numel() > 0;
-        ys.push_back(has_bias ? at::addmm(*bias, x, weights[m].t()) : at::mm(x, weights[m].t()));
+        ys.push_back(present(bias) ? at::addmm(*bias, x, weights[m].t()) : at::mm(x, weights[m].t()));
     }
     if (n == 0 || na == 0 || meta.max_rows == 0) return ys;
     // One host-to-device copy of the per-adapter tables: [a_off | a_rows | ranks | b_off | t_col].
@@ -528,14 +543,8 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_forward_cuda(const at::Tensor& h_i
     check_bottleneck(h, down, up);
     cpu_activation(activation);  // range check
     const int64_t n = h.size(0), d_in = h.size(1), b = down.size(0), d_out = up.size(0);
-    at::Tensor residual = h;
-    if (residual_in.has_value() && residual_in->defined()) {
-        residual = as_rows(*residual_in);
-        CHECK_DTYPE(residual, h.scalar_type());
-        CHECK_SHAPE(residual, n, d_out);
-    } else {
-        TORCH_CHECK(d_out == d_in, "without a residual (series form) d_out must equal d_in");
-    }
+    at::Tensor residual = bottleneck_residual(residual_in, h, d_out);
+    if (!residual.defined()) residual = h;
     void* stream = current_stream(h);
     const void* sp = scale_ptr(scale_tensor, h);
     const fc::Dropout drop = make_dropout(p, seed);
@@ -661,6 +670,12 @@ PyMODINIT_FUNC PyInit__C(void) {
                               "fastadapters compiled kernels; the ops live under torch.ops.fastadapters_C", -1,
                               nullptr, nullptr, nullptr, nullptr, nullptr};
     PyObject* mod = PyModule_Create(&def);
+    if (mod == nullptr) return nullptr;
+    // The activation names in code order, which tests check against fastadapters.kernels.ACTIVATIONS.
+    PyObject* names = PyTuple_New(fc::kNumActivations);
+    for (int i = 0; i < fc::kNumActivations; ++i)
+        PyTuple_SET_ITEM(names, i, PyUnicode_FromString(fc::kActivationNames[i]));
+    PyModule_AddObject(mod, "ACTIVATIONS", names);
 #ifdef FASTADAPTERS_WITH_CUDA
     PyModule_AddIntConstant(mod, "WITH_CUDA", 1);
 #else

@@ -43,7 +43,8 @@ def has_cuda() -> bool:
 
 
 def has_op(name: str) -> bool:
-    """True when the loaded extension registers torch.ops.fastadapters_C.<name>."""
+    """Whether the extension provides the op `name` (torch.ops.fastadapters_C.<name>, e.g.
+    "bottleneck_forward"); False when fastadapters._C is not loaded."""
     import torch
 
     return AVAILABLE and hasattr(torch.ops.fastadapters_C, name)

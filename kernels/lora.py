@@ -16,69 +16,27 @@ The dropout mask is never stored: keep = tl.rand(seed, element index in x) >= p,
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from fastadapters.kernels import INTERPRET
+from fastadapters.kernels._common import (
+    dtype_flags,
+    interp_block,
+    keep,
+    keep_2d,
+    launch,
+    load_tile,
+    mm_loop,
+    mm_loop_dropout,
+    pow2,
+    store_tile,
+    wide,
+)
 
 # Grouped dx takes this many (dy_i, W_i) pairs per launch; more members chain launches that accumulate.
 _MAX_MAIN = 3
-_INT32_MAX = 2**31 - 1
-
-
-# --------------------------------------------------------------------------------------------- helpers
-
-
-@triton.jit
-def _keep(seed, idx, dropout_p, WIDE: tl.constexpr):
-    if not WIDE:
-        # Offsets that fit in int32 take triton's cheaper 32-bit Philox path on every version.
-        idx = idx.to(tl.int32)
-    return tl.rand(seed, idx) >= dropout_p
-
-
-@triton.jit
-def _keep_2d(seed, rows, cols, row_len, dropout_p, WIDE: tl.constexpr):
-    # The element index in x's logical row-major layout, so the mask does not depend on x's strides.
-    idx = rows.to(tl.int64)[:, None] * row_len + cols.to(tl.int64)[None, :]
-    return _keep(seed, idx, dropout_p, WIDE)
-
-
-@triton.jit
-def _load_tile(ptr, offs_r, offs_c, n_r, n_c, stride_r, stride_c, UPCAST: tl.constexpr):
-    mask = (offs_r[:, None] < n_r) & (offs_c[None, :] < n_c)
-    # int64 offsets: strided views (a transposed x) overflow int32 long before the tensor is large.
-    offs = offs_r.to(tl.int64)[:, None] * stride_r + offs_c.to(tl.int64)[None, :] * stride_c
-    tile = tl.load(ptr + offs, mask=mask, other=0.0)
-    if UPCAST:
-        # bf16 arithmetic is wrong in the interpreter; loads and this cast are right.
-        tile = tile.to(tl.float32)
-    return tile
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:
-        # fp32 inputs default to tf32 on NVIDIA GPUs; torch's default fp32 matmul is full precision.
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
-
-
-@triton.jit
-def _mm_loop(
-    acc, a_ptr, b_ptr, offs_m, offs_n, M, N, K, s_am, s_ak, s_bk, s_bn,
-    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = _load_tile(a_ptr, offs_m, offs_k, M, K, s_am, s_ak, UPCAST)
-        b = _load_tile(b_ptr, offs_k, offs_n, K, N, s_bk, s_bn, UPCAST)
-        acc = _dot(a, b, acc, IEEE)
-    return acc
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -98,17 +56,11 @@ def _lora_shrink_kernel(
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = _load_tile(x_ptr, offs_t, offs_k, T, K, stride_xt, stride_xk, UPCAST)
-        if HAS_DROPOUT:
-            x = tl.where(_keep_2d(seed, offs_t, offs_k, K, dropout_p, WIDE), x, 0.0).to(x.dtype)
-        mat_t = _load_tile(mat_ptr, offs_k, offs_r, K, R, stride_mk, stride_mr, UPCAST)
-        acc = _dot(x, mat_t, acc, IEEE)
-    acc = acc * scale
-    mask = (offs_t[:, None] < T) & (offs_r[None, :] < R)
-    out = out_ptr + offs_t[:, None] * stride_ot + offs_r[None, :] * stride_or
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    acc = mm_loop_dropout(
+        acc, x_ptr, mat_ptr, offs_t, offs_r, T, R, 0, K, stride_xt, stride_xk, stride_mk, stride_mr,
+        seed, dropout_p, HAS_DROPOUT, False, WIDE, BLOCK_K, UPCAST, IEEE,
+    )  # fmt: skip
+    store_tile(out_ptr, acc * scale, offs_t, offs_r, T, R, stride_ot, stride_or)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -146,35 +98,33 @@ def _lora_gemm_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LOW:
-        acc = _mm_loop(
+        acc = mm_loop(
             acc, low_ptr, up_ptr, offs_m, offs_n, M, N, K_LOW,
             stride_lm, stride_lk, stride_uk, stride_un, BLOCK_K_LOW, UPCAST, IEEE,
         )  # fmt: skip
         acc = acc * low_scale
         if HAS_DROPOUT:
-            acc = tl.where(_keep_2d(seed, offs_m, offs_n, N, dropout_p, WIDE), acc, 0.0)
-    acc = _mm_loop(
+            acc = tl.where(keep_2d(seed, offs_m, offs_n, N, dropout_p, WIDE), acc, 0.0)
+    acc = mm_loop(
         acc, in0_ptr, w0_ptr, offs_m, offs_n, M, N, K0,
         stride_i0m, stride_i0k, stride_w0k, stride_w0n, BLOCK_K, UPCAST, IEEE,
     )  # fmt: skip
     if NUM_MAIN > 1:
-        acc = _mm_loop(
+        acc = mm_loop(
             acc, in1_ptr, w1_ptr, offs_m, offs_n, M, N, K1,
             stride_i1m, stride_i1k, stride_w1k, stride_w1n, BLOCK_K, UPCAST, IEEE,
         )  # fmt: skip
     if NUM_MAIN > 2:
-        acc = _mm_loop(
+        acc = mm_loop(
             acc, in2_ptr, w2_ptr, offs_m, offs_n, M, N, K2,
             stride_i2m, stride_i2k, stride_w2k, stride_w2n, BLOCK_K, UPCAST, IEEE,
         )  # fmt: skip
 
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if ACCUMULATE:
-        acc += tl.load(out, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        acc += load_tile(out_ptr, offs_m, offs_n, M, N, stride_om, stride_on, True)
+    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -194,25 +144,20 @@ def _lora_reduce_kernel(
     t_start = split * T_PER_SPLIT
     t_end = tl.minimum(T, t_start + T_PER_SPLIT)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t0 in range(t_start, t_end, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        lhs_t = _load_tile(lhs_ptr, offs_m, offs_t, M, t_end, stride_lm, stride_lt, UPCAST)
-        rhs = _load_tile(rhs_ptr, offs_t, offs_n, t_end, N, stride_rt, stride_rn, UPCAST)
-        if HAS_DROPOUT:
-            rhs = tl.where(_keep_2d(seed, offs_t, offs_n, N, dropout_p, WIDE), rhs, 0.0).to(rhs.dtype)
-        acc = _dot(lhs_t, rhs, acc, IEEE)
-    acc = acc * scale
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    out = out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    acc = mm_loop_dropout(
+        acc, lhs_ptr, rhs_ptr, offs_m, offs_n, M, N, t_start, t_end,
+        stride_lm, stride_lt, stride_rt, stride_rn,
+        seed, dropout_p, False, HAS_DROPOUT, WIDE, BLOCK_T, UPCAST, IEEE,
+    )  # fmt: skip
+    store_tile(out_ptr + split * stride_os, acc * scale, offs_m, offs_n, M, N, stride_om, stride_on)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _dropout_mask_kernel(out_ptr, numel, dropout_p, seed, WIDE: tl.constexpr, BLOCK: tl.constexpr):
     """out[i] = keep(seed, i): the mask the other kernels draw, materialised (for tests and debugging)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = _keep(seed, offs, dropout_p, WIDE)
-    tl.store(out_ptr + offs, keep.to(tl.uint8), mask=offs < numel)
+    kept = keep(seed, offs, dropout_p, WIDE)
+    tl.store(out_ptr + offs, kept.to(tl.uint8), mask=offs < numel)
 
 
 # --------------------------------------------------------------------------------------------- autotune
@@ -247,40 +192,9 @@ _gemm_tuned = triton.autotune(
 _reduce_tuned = triton.autotune(_REDUCE_CONFIGS, key=["T_BUCKET", "M", "N"])(_lora_reduce_kernel)
 
 
-def _launch(raw, tuned, configs, grid, args, meta, interp_blocks):
-    """Runs `raw` with `interp_blocks` in the interpreter, else `tuned` (or the first config, untimed)."""
-    if INTERPRET:
-        raw[grid](*args, **meta, **interp_blocks, num_warps=4)
-    elif os.environ.get("FASTADAPTERS_AUTOTUNE", "1") != "0":
-        tuned[grid](*args, **meta)
-    else:
-        cfg = configs[0]
-        raw[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
-
-def _interp_block(n: int) -> int:
-    # tl.dot needs every block dim >= 16.
-    return _pow2(n, 16, 128)
-
-
-def _flags(x: torch.Tensor) -> dict:
-    return {
-        "UPCAST": INTERPRET and x.dtype == torch.bfloat16,
-        "IEEE": x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest",
-    }
-
-
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _wide(numel: int) -> bool:
-    return numel > _INT32_MAX
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -296,11 +210,13 @@ def _shrink(out, x, mat, scale, dropout_p=0.0, seed=None):
     strides = (x.stride(0), x.stride(1), mat.stride(0), mat.stride(1), out.stride(0), out.stride(1))
     scalars = (float(scale), float(dropout_p), seed_arg, triton.next_power_of_2(T))
     args = (x, mat, out, T, K, R, *strides, *scalars)
-    meta = dict(HAS_DROPOUT=seed is not None, WIDE=_wide(x.numel()), BLOCK_R=_pow2(R, 16, 128), **_flags(x))
+    meta = dict(
+        HAS_DROPOUT=seed is not None, WIDE=wide(x.numel()), BLOCK_R=pow2(R, 16, 128), **dtype_flags(x.dtype)
+    )
     n_r = triton.cdiv(R, meta["BLOCK_R"])
     grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]), n_r)
-    interp = dict(BLOCK_T=_interp_block(T), BLOCK_K=_interp_block(K))
-    _launch(_lora_shrink_kernel, _shrink_tuned, _SHRINK_CONFIGS, grid, args, meta, interp)
+    interp = dict(BLOCK_T=interp_block(T), BLOCK_K=interp_block(K))
+    launch(_shrink_tuned, grid, args, meta, interp)
 
 
 def _gemm(
@@ -333,15 +249,13 @@ def _gemm(
         HAS_BIAS=bias is not None,
         HAS_DROPOUT=has_low and seed is not None,
         ACCUMULATE=accumulate,
-        WIDE=_wide(out.numel()),
-        BLOCK_K_LOW=_pow2(k_low, 16, 64),
-        **_flags(out),
+        WIDE=wide(out.numel()),
+        BLOCK_K_LOW=pow2(k_low, 16, 64),
+        **dtype_flags(out.dtype),
     )
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
-    interp = dict(
-        BLOCK_M=_interp_block(M), BLOCK_N=_interp_block(N), BLOCK_K=_interp_block(max(ks)), GROUP_M=8
-    )
-    _launch(_lora_gemm_kernel, _gemm_tuned, _GEMM_CONFIGS, grid, args, meta, interp)
+    interp = dict(BLOCK_M=interp_block(M), BLOCK_N=interp_block(N), BLOCK_K=interp_block(max(ks)), GROUP_M=8)
+    launch(_gemm_tuned, grid, args, meta, interp)
 
 
 def _reduce(out, lhs, rhs, scale, dropout_p=0.0, seed=None):
@@ -353,7 +267,7 @@ def _reduce(out, lhs, rhs, scale, dropout_p=0.0, seed=None):
     if T == 0:
         out.zero_()
         return
-    block_m, block_n = _pow2(M, 16, 128), _pow2(N, 16, 128)
+    block_m, block_n = pow2(M, 16, 128), pow2(N, 16, 128)
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     splits = 1
     if not INTERPRET and out.is_cuda:
@@ -370,10 +284,14 @@ def _reduce(out, lhs, rhs, scale, dropout_p=0.0, seed=None):
     args = (dest, lhs, rhs, T, M, N, *strides, float(scale), float(dropout_p), seed_arg, per_split)
     args += (triton.next_power_of_2(T),)
     meta = dict(
-        HAS_DROPOUT=seed is not None, WIDE=_wide(T * N), BLOCK_M=block_m, BLOCK_N=block_n, **_flags(lhs)
+        HAS_DROPOUT=seed is not None,
+        WIDE=wide(T * N),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        **dtype_flags(lhs.dtype),
     )
-    interp = dict(BLOCK_T=_interp_block(T))
-    _launch(_lora_reduce_kernel, _reduce_tuned, _REDUCE_CONFIGS, (tiles, splits), args, meta, interp)
+    interp = dict(BLOCK_T=interp_block(T))
+    launch(_reduce_tuned, (tiles, splits), args, meta, interp)
     if splits > 1:
         out.copy_(dest.sum(0))
 
@@ -485,6 +403,6 @@ def dropout_mask(shape, dropout_p: float, seed: int, device) -> torch.Tensor:
         return out
     block = 4096 if INTERPRET else 1024
     _dropout_mask_kernel[(triton.cdiv(numel, block),)](
-        out.view(torch.uint8), numel, float(dropout_p), int(seed), WIDE=_wide(numel), BLOCK=block
+        out.view(torch.uint8), numel, float(dropout_p), int(seed), WIDE=wide(numel), BLOCK=block
     )
     return out

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 from fastadapters.kernels import INTERPRET
+from fastadapters.kernels._common import activation, dot, dtype_flags, load_tile, pow2
 
 # Tests set this to force the split-K (atomic) shrink path, which only a GPU's small grids pick.
 FORCE_SPLIT_K: int | None = None
@@ -41,28 +42,6 @@ def _tokens(order_ptr, starts_ptr, tiles_ptr, adapter, pid, NUM_TILES, HAS_ORDER
 
 
 @triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:
-        # fp32 inputs default to tf32 on NVIDIA GPUs; torch's default fp32 matmul is full precision.
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
-
-
-@triton.jit
-def _activation(z, code):
-    """f(z) in fp32 for the adapter's activation code (ACTIVATIONS order: tanh, relu, gelu, silu, sigmoid)."""
-    # tl has no tanh: tanh(z) = 2σ(2z) − 1. A `where` chain, as the code is a runtime per-adapter value.
-    tanh = 2.0 * tl.sigmoid(2.0 * z) - 1.0
-    gelu = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-    out = tl.where(code == 3, z * tl.sigmoid(z), tl.sigmoid(z))
-    out = tl.where(code == 2, gelu, out)
-    out = tl.where(code == 1, tl.maximum(z, 0.0), out)
-    return tl.where(code == 0, tanh, out)
-
-
-@triton.jit
 def _multi_lora_shrink_kernel(
     x_ptr, bank_a_ptr, t_ptr, order_ptr, starts_ptr, tiles_ptr, meta_ptr,
     NUM_ADAPTERS, NUM_TILES, D_IN, K_PER_SPLIT,
@@ -80,6 +59,7 @@ def _multi_lora_shrink_kernel(
         return
     a_off = tl.load(meta_ptr + adapter)
     tok, mask_m = _tokens(order_ptr, starts_ptr, tiles_ptr, adapter, pid, NUM_TILES, HAS_ORDER, BLOCK_M)
+    a_ptr = bank_a_ptr + a_off * stride_ar  # this adapter's rows of the bank
     k_start = tl.program_id(1).to(tl.int64) * K_PER_SPLIT
     k_end = tl.minimum(D_IN, k_start + K_PER_SPLIT)
     for r0 in range(0, rows, BLOCK_R):
@@ -94,16 +74,10 @@ def _multi_lora_shrink_kernel(
                 mask=mask_m[:, None] & mask_k[None, :],
                 other=0.0,
             )
-            a_t = tl.load(
-                bank_a_ptr + (a_off + offs_r)[None, :].to(tl.int64) * stride_ar + offs_k[:, None] * stride_ak,
-                mask=mask_r[None, :] & mask_k[:, None],
-                other=0.0,
-            )
-            if UPCAST:
-                # bf16 arithmetic is wrong in the interpreter; loads and this cast are right.
+            if UPCAST:  # as load_tile does: bf16 arithmetic is wrong in the interpreter
                 x = x.to(tl.float32)
-                a_t = a_t.to(tl.float32)
-            acc = _dot(x, a_t, acc, IEEE)
+            a_t = load_tile(a_ptr, offs_k, offs_r, k_end, rows, stride_ak, stride_ar, UPCAST)
+            acc = dot(x, a_t, acc, IEEE)
         t_ptrs = t_ptr + tok[:, None] * stride_tm + offs_r[None, :] * stride_tr
         mask = mask_m[:, None] & mask_r[None, :]
         if ATOMIC:
@@ -151,14 +125,14 @@ def _multi_lora_expand_kernel(
         )
         if HAS_ACT:
             # Columns past the rank become f(0) (0.5 for sigmoid): harmless, their rows of b load as 0.
-            t = _activation(t, act)
+            t, _ = activation(t, act)
         b = tl.load(
             bank_b_ptr + (b_off + offs_r)[:, None].to(tl.int64) * stride_br + offs_n[None, :] * stride_bn,
             mask=mask_r[:, None] & mask_n[None, :],
             other=0.0,
         )
         # t is fp32: the expand runs in fp32 (it is memory-bound; B tiles are tiny).
-        acc = _dot(t, b.to(tl.float32), acc, IEEE)
+        acc = dot(t, b.to(tl.float32), acc, IEEE)
     mask = mask_m[:, None] & mask_n[None, :]
     y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n[None, :] * stride_yn
     y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -166,10 +140,6 @@ def _multi_lora_expand_kernel(
 
 
 # --------------------------------------------------------------------------------------------- host side
-
-
-def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
 def block_m(num_tokens: int) -> int:
@@ -218,13 +188,6 @@ def _device_meta(ranks: tuple, scales: tuple, layout: tuple, device: torch.devic
     return meta, scales_t, max(a_rows, default=0), max(ranks, default=0)
 
 
-def _flags(x: torch.Tensor) -> dict:
-    return {
-        "UPCAST": INTERPRET and x.dtype == torch.bfloat16,
-        "IEEE": x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest",
-    }
-
-
 def _split_k(tiles: int, d_in: int, block_k: int, device: torch.device) -> int:
     if FORCE_SPLIT_K is not None:
         return FORCE_SPLIT_K
@@ -268,10 +231,10 @@ def add(x, ys, bank_a, bank_bs, ranks, scales, layout, order, starts, tiles, act
     acts_t = _device_acts(tuple(acts), x.device) if acts is not None else scales_t
     g = tiles.shape[1]
     bm = block_m(count)
-    flags = _flags(x)
+    flags = dtype_flags(x.dtype)
     has_order = order.numel() > 0
     order_arg = order if has_order else starts
-    block_k = _pow2(d_in, 16, 128) if INTERPRET else (64 if x.dtype == torch.float32 else 128)
+    block_k = pow2(d_in, 16, 128) if INTERPRET else (64 if x.dtype == torch.float32 else 128)
     splits = _split_k(g, d_in, block_k, x.device)
     k_per_split = triton.cdiv(triton.cdiv(d_in, splits), block_k) * block_k
     splits = triton.cdiv(d_in, k_per_split)
@@ -280,15 +243,15 @@ def add(x, ys, bank_a, bank_bs, ranks, scales, layout, order, starts, tiles, act
         x, bank_a, t, order_arg, starts, tiles, meta,
         n, g, d_in, k_per_split,
         x.stride(0), x.stride(1), bank_a.stride(0), bank_a.stride(1), t.stride(0), t.stride(1),
-        HAS_ORDER=has_order, ATOMIC=splits > 1, BLOCK_M=bm, BLOCK_R=_pow2(max_rows, 16, 64), BLOCK_K=block_k,
+        HAS_ORDER=has_order, ATOMIC=splits > 1, BLOCK_M=bm, BLOCK_R=pow2(max_rows, 16, 64), BLOCK_K=block_k,
         num_warps=4, **flags,
     )  # fmt: skip
-    block_r = _pow2(max_rank, 16, 64)
+    block_r = pow2(max_rank, 16, 64)
     for m, (y, bank_b) in enumerate(zip(ys, bank_bs)):
         d_out = y.shape[1]
         if sum(ranks[m * n : (m + 1) * n]) == 0 or d_out == 0:
             continue
-        block_n = _pow2(d_out, 16, 128) if INTERPRET else 64
+        block_n = pow2(d_out, 16, 128) if INTERPRET else 64
         _multi_lora_expand_kernel[(g, triton.cdiv(d_out, block_n))](
             t, y, bank_b, order_arg, starts, tiles, meta, scales_t, acts_t,
             n, g, m, d_out,

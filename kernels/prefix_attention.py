@@ -14,19 +14,61 @@ import torch
 import triton
 import triton.language as tl
 from fastadapters.kernels import INTERPRET
+from fastadapters.kernels._common import dot, dtype_flags, load_tile, pow2, store_tile, tile_offsets
 
 # Additive masks use finfo.min for "masked"; scaled by log2(e) that overflows fp32 to -inf and would turn a
 # very negative score into an excluded one, so finite biases are clamped first.
 _MIN_BIAS = tl.constexpr(-1e37)
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+# --------------------------------------------------------------------------------------------- helpers
 
 
 @triton.jit
-def _sequence_scores(
-    s, rows, cols, row_ok, col_ok, b, h, off,
+def _query_block(num_m_blocks, Hq, G, BLOCK_M: tl.constexpr):
+    """(pid_m, pid_bh, b, h, hkv, rows) of this program's block of BLOCK_M queries of one (row, head)."""
+    pid = tl.program_id(0).to(tl.int64)
+    # Query blocks vary fastest, so programs running together share one head's keys in cache.
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
+    h = pid_bh % Hq
+    return pid_m, pid_bh, pid_bh // Hq, h, h // G, pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def _prefix_of(ids_ptr, b, n, PER_ROW: tl.constexpr):
+    """(adapter, n or 0): the prefix batch row b reads (0 when shared); n, or 0 when it has none (id -1)."""
+    if PER_ROW:
+        adapter = tl.load(ids_ptr + b)
+        length = tl.where(adapter >= 0, n, 0)
+        a = tl.maximum(adapter, 0).to(tl.int64)
+    else:
+        length = n
+        a = tl.zeros_like(b)
+    return a, length
+
+
+@triton.jit
+def _sequence_end(pid_m, S, S_kv, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """The end of the sequence keys a query block sees: the causal bound of its last row, or S_kv."""
+    if CAUSAL:
+        hi = tl.minimum(S_kv, (pid_m + 1) * BLOCK_M + S_kv - S)
+    else:
+        hi = S_kv
+    return hi
+
+
+@triton.jit
+def _scores(
+    q, kt, qk_scale, rows, cols, row_ok, n_keys, b, h, off,
     mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """s [BLOCK_M, BLOCK_N] (log2 units) of sequence keys, with the causal rule and the mask applied."""
+    """s = q kᵀ · qk_scale [BLOCK_M, BLOCK_N] (log2 units), -inf where excluded: out of range, and for the
+    sequence keys the causal rule and the mask (MASK_KIND 0 and CAUSAL False for the prefix)."""
+    s = dot(q, kt, tl.zeros((q.shape[0], kt.shape[1]), dtype=tl.float32), IEEE) * qk_scale
+    col_ok = cols < n_keys
     keep = row_ok[:, None] & col_ok[None, :]
     if CAUSAL:  # bottom-right aligned: key j visible to query i iff j <= i + S_kv - S
         keep = keep & (cols[None, :] <= rows[:, None] + off)
@@ -34,17 +76,70 @@ def _sequence_scores(
         kept = tl.load(mask_ptr + b * stride_mb + cols * stride_mn, mask=col_ok, other=0)
         keep = keep & (kept != 0)[None, :]
     if MASK_KIND >= 2:  # a 4-D tile
-        ptrs = (
-            mask_ptr + b * stride_mb + h * stride_mh + rows[:, None] * stride_mm + cols[None, :] * stride_mn
-        )
+        ptrs = mask_ptr + b * stride_mb + h * stride_mh + tile_offsets(rows, cols, stride_mm, stride_mn)
         tile = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
         if MASK_KIND == 2:  # 4-D bool, True = attend
             keep = keep & (tile != 0)
         else:  # 4-D additive
             bias = tile.to(tl.float32)
             bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, _MIN_BIAS))
-            s = s + bias * 1.4426950408889634
+            s = s + bias * _LOG2E
     return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, qk_scale, rows, row_ok, offs_d, b, h, off,
+    k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, hi, n_keys,
+    mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """The online softmax over keys [0, hi) of one key set (the prefix or the sequence): (acc, l_i, m_i)."""
+    for start_n in range(0, hi, BLOCK_N):
+        # int64 tile offsets: large tensors stay addressable, and the interpreter skips its int32 checks.
+        cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+        kt = load_tile(k_base, offs_d, cols, D, n_keys, stride_kd, stride_kn, UPCAST)
+        vb = load_tile(v_base, cols, offs_d, n_keys, D, stride_vn, stride_vd, UPCAST)
+        s = _scores(
+            q, kt, qk_scale, rows, cols, row_ok, n_keys, b, h, off,
+            mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn, MASK_KIND, CAUSAL, IEEE,
+        )  # fmt: skip
+        # A row that has seen only masked keys keeps m = -inf: shift by 0 so exp2 gives 0, not NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + dot(p.to(vb.dtype), vb, tl.zeros_like(acc), IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse2, delta, qk_scale, rows, row_ok, offs_d, b, h, off,
+    k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, hi, n_keys,
+    mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """dq + Σ over keys [0, hi) of one key set of dS K, dS = P ⊙ (dO Vᵀ − delta), P from the saved lse."""
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+        kt = load_tile(k_base, offs_d, cols, D, n_keys, stride_kd, stride_kn, UPCAST)
+        vt = load_tile(v_base, offs_d, cols, D, n_keys, stride_vd, stride_vn, UPCAST)
+        s = _scores(
+            q, kt, qk_scale, rows, cols, row_ok, n_keys, b, h, off,
+            mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn, MASK_KIND, CAUSAL, IEEE,
+        )  # fmt: skip
+        p = tl.math.exp2(s - lse2[:, None])
+        ds = p * (dot(do, vt, tl.zeros(p.shape, dtype=tl.float32), IEEE) - delta[:, None])
+        dq += dot(ds.to(kt.dtype), tl.trans(kt), tl.zeros_like(dq), IEEE)
+    return dq
+
+
+# --------------------------------------------------------------------------------------------- kernels
 
 
 @triton.jit
@@ -60,111 +155,38 @@ def _prefix_attention_fwd_kernel(
     Hq, S, S_kv, P, G, num_m_blocks, sm_scale,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PER_ROW: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0).to(tl.int64)
-    # Query blocks vary fastest, so programs running together share one head's keys in cache.
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hkv = h // G
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    # int64 tile offsets: large tensors stay addressable, and the interpreter skips its int32 overflow checks.
-    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
-    offs_d = tl.arange(0, D_PAD).to(tl.int64)
+    pid_m, pid_bh, b, h, hkv, rows = _query_block(num_m_blocks, Hq, G, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD).to(tl.int64)  # head dims 80/96 run padded to 128
     row_ok = rows < S
-    d_ok = offs_d < D  # head dims 80/96 run padded to 128
-
-    q_ptrs = q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:  # bf16 arithmetic is wrong in the interpreter; loads are right
-        q = q.to(tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    q = load_tile(q_ptr + b * stride_qb + h * stride_qh, rows, offs_d, S, D, stride_qs, stride_qd, UPCAST)
+    qk_scale = sm_scale * _LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
     # 1. The prefix of this row's adapter (adapter 0 when shared), visible to every query.
-    if PER_ROW:
-        adapter = tl.load(ids_ptr + b)
-        prefix_len = tl.where(adapter >= 0, P, 0)
-        a = tl.maximum(adapter, 0).to(tl.int64)
-    else:
-        prefix_len = P
-        a = 0
-    pk_base = pk_ptr + a * stride_pka + hkv * stride_pkh
-    pv_base = pv_ptr + a * stride_pva + hkv * stride_pvh
-    for start_n in range(0, prefix_len, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < P
-        kt = tl.load(
-            pk_base + cols[None, :] * stride_pkp + offs_d[:, None] * stride_pkd,
-            mask=d_ok[:, None] & col_ok[None, :], other=0.0,
-        )  # fmt: skip
-        vb = tl.load(
-            pv_base + cols[:, None] * stride_pvp + offs_d[None, :] * stride_pvd,
-            mask=col_ok[:, None] & d_ok[None, :], other=0.0,
-        )  # fmt: skip
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vb = vb.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(row_ok[:, None] & col_ok[None, :], s, float("-inf"))
-        # Online softmax. A row that has seen only masked keys keeps m = -inf: shift by 0 so exp2 gives 0,
-        # not NaN.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PRECISION)
-        m_i = m_new
-
+    a, prefix_len = _prefix_of(ids_ptr, b, P, PER_ROW)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, qk_scale, rows, row_ok, offs_d, b, h, 0,
+        pk_ptr + a * stride_pka + hkv * stride_pkh, pv_ptr + a * stride_pva + hkv * stride_pvh,
+        stride_pkp, stride_pkd, stride_pvp, stride_pvd, prefix_len, P,
+        mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn, 0, False, D, BLOCK_N, UPCAST, IEEE,
+    )  # fmt: skip
     # 2. The sequence keys, up to the causal bound of this block's last row.
-    off = S_kv - S
-    if CAUSAL:
-        hi = tl.minimum(S_kv, (pid_m + 1) * BLOCK_M + off)
-    else:
-        hi = S_kv
-    k_base = k_ptr + b * stride_kb + hkv * stride_kh
-    v_base = v_ptr + b * stride_vb + hkv * stride_vh
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < S_kv
-        kt = tl.load(
-            k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-            mask=d_ok[:, None] & col_ok[None, :], other=0.0,
-        )  # fmt: skip
-        vb = tl.load(
-            v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-            mask=col_ok[:, None] & d_ok[None, :], other=0.0,
-        )  # fmt: skip
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vb = vb.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        s = _sequence_scores(
-            s, rows, cols, row_ok, col_ok, b, h, off, mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
-            MASK_KIND, CAUSAL,
-        )  # fmt: skip
-        # The same online-softmax step as for the prefix.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PRECISION)
-        m_i = m_new
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, qk_scale, rows, row_ok, offs_d, b, h, S_kv - S,
+        k_ptr + b * stride_kb + hkv * stride_kh, v_ptr + b * stride_vb + hkv * stride_vh,
+        stride_ks, stride_kd, stride_vs, stride_vd, _sequence_end(pid_m, S, S_kv, BLOCK_M, CAUSAL), S_kv,
+        mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn, MASK_KIND, CAUSAL, D, BLOCK_N, UPCAST, IEEE,
+    )  # fmt: skip
 
     # A row that saw nothing outputs 0 and stores lse = +inf, so its backward probabilities are exactly 0.
     dead = l_i == 0.0
     out = acc / tl.where(dead, 1.0, l_i)[:, None]
     lse = tl.where(dead, float("inf"), (m_i + tl.math.log2(tl.where(dead, 1.0, l_i))) * 0.6931471805599453)
-    out_ptrs = (
-        out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :] * stride_od
-    )
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    store_tile(out_ptr + b * stride_ob + h * stride_oh, out, rows, offs_d, S, D, stride_os, stride_od)
     tl.store(lse_ptr + pid_bh * S + rows, lse, mask=row_ok)
 
 
@@ -182,94 +204,37 @@ def _prefix_attention_bwd_dq_kernel(
     Hq, S, S_kv, P, G, num_m_blocks, sm_scale,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PER_ROW: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0).to(tl.int64)
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hkv = h // G
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    # int64 tile offsets: large tensors stay addressable, and the interpreter skips its int32 overflow checks.
-    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    pid_m, pid_bh, b, h, hkv, rows = _query_block(num_m_blocks, Hq, G, BLOCK_M)
     offs_d = tl.arange(0, D_PAD).to(tl.int64)
     row_ok = rows < S
-    d_ok = offs_d < D
-    rd_ok = row_ok[:, None] & d_ok[None, :]
-    q_ptrs = q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd
-    do_ptrs = (
-        do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_d[None, :] * stride_dod
+    q = load_tile(q_ptr + b * stride_qb + h * stride_qh, rows, offs_d, S, D, stride_qs, stride_qd, UPCAST)
+    do = load_tile(
+        do_ptr + b * stride_dob + h * stride_doh, rows, offs_d, S, D, stride_dos, stride_dod, UPCAST
     )
-    q = tl.load(q_ptrs, mask=rd_ok, other=0.0)
-    do = tl.load(do_ptrs, mask=rd_ok, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
     # Rows past S get lse = +inf: their probabilities are 0.
-    lse2 = tl.load(lse_ptr + pid_bh * S + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(lse_ptr + pid_bh * S + rows, mask=row_ok, other=float("inf")) * _LOG2E
     delta = tl.load(delta_ptr + pid_bh * S + rows, mask=row_ok, other=0.0)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * _LOG2E
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
-    if PER_ROW:
-        adapter = tl.load(ids_ptr + b)
-        prefix_len = tl.where(adapter >= 0, P, 0)
-        a = tl.maximum(adapter, 0).to(tl.int64)
-    else:
-        prefix_len = P
-        a = 0
-    pk_base = pk_ptr + a * stride_pka + hkv * stride_pkh
-    pv_base = pv_ptr + a * stride_pva + hkv * stride_pvh
-    for start_n in range(0, prefix_len, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < P
-        dc_ok = d_ok[:, None] & col_ok[None, :]
-        kt = tl.load(
-            pk_base + cols[None, :] * stride_pkp + offs_d[:, None] * stride_pkd, mask=dc_ok, other=0.0
-        )
-        vt = tl.load(
-            pv_base + cols[None, :] * stride_pvp + offs_d[:, None] * stride_pvd, mask=dc_ok, other=0.0
-        )
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(row_ok[:, None] & col_ok[None, :], s, float("-inf"))
-        p = tl.math.exp2(s - lse2[:, None])
-        ds = p * (tl.dot(do, vt, input_precision=DOT_PRECISION) - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
-
-    off = S_kv - S
-    if CAUSAL:
-        hi = tl.minimum(S_kv, (pid_m + 1) * BLOCK_M + off)
-    else:
-        hi = S_kv
-    k_base = k_ptr + b * stride_kb + hkv * stride_kh
-    v_base = v_ptr + b * stride_vb + hkv * stride_vh
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < S_kv
-        dc_ok = d_ok[:, None] & col_ok[None, :]
-        kt = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, mask=dc_ok, other=0.0)
-        vt = tl.load(v_base + cols[None, :] * stride_vs + offs_d[:, None] * stride_vd, mask=dc_ok, other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        s = _sequence_scores(
-            s, rows, cols, row_ok, col_ok, b, h, off, mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
-            MASK_KIND, CAUSAL,
-        )  # fmt: skip
-        p = tl.math.exp2(s - lse2[:, None])
-        ds = p * (tl.dot(do, vt, input_precision=DOT_PRECISION) - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
-
-    dq = dq * sm_scale
-    dq_ptrs = (
-        dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :] * stride_dqd
+    a, prefix_len = _prefix_of(ids_ptr, b, P, PER_ROW)
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, qk_scale, rows, row_ok, offs_d, b, h, 0,
+        pk_ptr + a * stride_pka + hkv * stride_pkh, pv_ptr + a * stride_pva + hkv * stride_pvh,
+        stride_pkp, stride_pkd, stride_pvp, stride_pvd, prefix_len, P,
+        mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn, 0, False, D, BLOCK_N, UPCAST, IEEE,
+    )  # fmt: skip
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, qk_scale, rows, row_ok, offs_d, b, h, S_kv - S,
+        k_ptr + b * stride_kb + hkv * stride_kh, v_ptr + b * stride_vb + hkv * stride_vh,
+        stride_ks, stride_kd, stride_vs, stride_vd, _sequence_end(pid_m, S, S_kv, BLOCK_M, CAUSAL), S_kv,
+        mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn, MASK_KIND, CAUSAL, D, BLOCK_N, UPCAST, IEEE,
+    )  # fmt: skip
+    store_tile(
+        dq_ptr + b * stride_dqb + h * stride_dqh, dq * sm_scale, rows, offs_d, S, D, stride_dqs, stride_dqd
     )
-    tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=rd_ok)
 
 
 @triton.jit
@@ -285,11 +250,11 @@ def _prefix_attention_bwd_kv_kernel(
     Hq, Hkv, S, N, G, num_n_blocks, sm_scale,
     IS_PREFIX: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PER_ROW: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """dk, dv of one block of N keys for one (batch row, kv head). Sequence keys (N = S_kv): stored.
-    Prefix (N = P; the key tensors' first stride steps over adapters): added atomically into fp32
-    [A, Hkv, P, D] buffers, summing every row that uses the adapter."""
+    Prefix (N = P; the key tensors' first stride steps over adapters; launched with MASK_KIND 0 and CAUSAL
+    False): added atomically into fp32 [A, Hkv, P, D] buffers, summing every row that uses the adapter."""
     pid = tl.program_id(0).to(tl.int64)
     pid_n = pid % num_n_blocks
     pid_bh = pid // num_n_blocks
@@ -298,40 +263,18 @@ def _prefix_attention_bwd_kv_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
     offs_d = tl.arange(0, D_PAD).to(tl.int64)
-    col_ok = cols < N
-    d_ok = offs_d < D
-    cd_ok = col_ok[:, None] & d_ok[None, :]
     if IS_PREFIX:
-        if PER_ROW:
-            adapter = tl.load(ids_ptr + b)
-            key_row = tl.maximum(adapter, 0).to(tl.int64)
-            row_end = tl.where(adapter >= 0, S, 0)
-        else:
-            key_row = 0
-            row_end = S
+        key_row, row_end = _prefix_of(ids_ptr, b, S, PER_ROW)
     else:
         key_row = b
         row_end = S
-    key_ptrs = (
-        key_ptr
-        + key_row * stride_kb
-        + hkv * stride_kh
-        + cols[:, None] * stride_ks
-        + offs_d[None, :] * stride_kd
+    kb = load_tile(
+        key_ptr + key_row * stride_kb + hkv * stride_kh, cols, offs_d, N, D, stride_ks, stride_kd, UPCAST
     )
-    value_ptrs = (
-        value_ptr
-        + key_row * stride_vb
-        + hkv * stride_vh
-        + cols[:, None] * stride_vs
-        + offs_d[None, :] * stride_vd
+    vb = load_tile(
+        value_ptr + key_row * stride_vb + hkv * stride_vh, cols, offs_d, N, D, stride_vs, stride_vd, UPCAST
     )
-    kb = tl.load(key_ptrs, mask=cd_ok, other=0.0)
-    vb = tl.load(value_ptrs, mask=cd_ok, other=0.0)
-    if UPCAST:
-        kb = kb.to(tl.float32)
-        vb = vb.to(tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * _LOG2E
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     off = N - S
@@ -347,51 +290,33 @@ def _prefix_attention_bwd_kv_kernel(
         for start_m in range(row_start, row_end, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < S
-            rd_ok = row_ok[:, None] & d_ok[None, :]
-            q_ptrs = q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd
-            do_ptrs = do_base + rows[:, None] * stride_dos + offs_d[None, :] * stride_dod
-            q = tl.load(q_ptrs, mask=rd_ok, other=0.0)
-            do = tl.load(do_ptrs, mask=rd_ok, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse2 = tl.load(lse_ptr + bh * S + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            q = load_tile(q_base, rows, offs_d, S, D, stride_qs, stride_qd, UPCAST)
+            do = load_tile(do_base, rows, offs_d, S, D, stride_dos, stride_dod, UPCAST)
+            lse2 = tl.load(lse_ptr + bh * S + rows, mask=row_ok, other=float("inf")) * _LOG2E
             delta = tl.load(delta_ptr + bh * S + rows, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-            if IS_PREFIX:
-                s = tl.where(row_ok[:, None] & col_ok[None, :], s, float("-inf"))
-            else:
-                s = _sequence_scores(
-                    s, rows, cols, row_ok, col_ok, b, h, off, mask_ptr, stride_mb, stride_mh, stride_mm,
-                    stride_mn, MASK_KIND, CAUSAL,
-                )  # fmt: skip
+            s = _scores(
+                q, tl.trans(kb), qk_scale, rows, cols, row_ok, N, b, h, off,
+                mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn, MASK_KIND, CAUSAL, IEEE,
+            )  # fmt: skip
             p = tl.math.exp2(s - lse2[:, None])
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
-            ds = p * (tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION) - delta[:, None])
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
+            dv += dot(tl.trans(p).to(do.dtype), do, tl.zeros_like(dv), IEEE)
+            ds = p * (dot(do, tl.trans(vb), tl.zeros_like(p), IEEE) - delta[:, None])
+            dk += dot(tl.trans(ds).to(q.dtype), q, tl.zeros_like(dk), IEEE)
     dk = dk * sm_scale
-    dk_ptrs = (
-        dk_ptr
-        + key_row * stride_dkb
-        + hkv * stride_dkh
-        + cols[:, None] * stride_dks
-        + offs_d[None, :] * stride_dkd
-    )
-    dv_ptrs = (
-        dv_ptr
-        + key_row * stride_dvb
-        + hkv * stride_dvh
-        + cols[:, None] * stride_dvs
-        + offs_d[None, :] * stride_dvd
-    )
     if IS_PREFIX:
         # Every batch row (and GQA group) using this adapter adds into the same prefix gradient.
-        live = cd_ok & (row_end > 0)
-        tl.atomic_add(dk_ptrs, dk, mask=live)
-        tl.atomic_add(dv_ptrs, dv, mask=live)
+        live = (cols < N)[:, None] & (offs_d < D)[None, :] & (row_end > 0)
+        dk_offs = tile_offsets(cols, offs_d, stride_dks, stride_dkd)
+        dv_offs = tile_offsets(cols, offs_d, stride_dvs, stride_dvd)
+        tl.atomic_add(dk_ptr + key_row * stride_dkb + hkv * stride_dkh + dk_offs, dk, mask=live)
+        tl.atomic_add(dv_ptr + key_row * stride_dvb + hkv * stride_dvh + dv_offs, dv, mask=live)
     else:
-        tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=cd_ok)
-        tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=cd_ok)
+        store_tile(
+            dk_ptr + key_row * stride_dkb + hkv * stride_dkh, dk, cols, offs_d, N, D, stride_dks, stride_dkd
+        )
+        store_tile(
+            dv_ptr + key_row * stride_dvb + hkv * stride_dvh, dv, cols, offs_d, N, D, stride_dvs, stride_dvd
+        )
 
 
 def _strides4(t: torch.Tensor) -> list[int]:
@@ -412,20 +337,12 @@ def _mask_args(mask, mask_kind: int, like: torch.Tensor):
 
 def _config(D: int, kernel: str):
     """(D_PAD, BLOCK_M, BLOCK_N, num_warps, num_stages) for one kernel."""
-    d_pad = max(16, triton.next_power_of_2(D))
+    d_pad = pow2(D, 16)
     if INTERPRET:  # few, large programs: the interpreter's cost is per operation, not per element
         return d_pad, 64, 64, 4, 1
     if kernel == "fwd":
         return (d_pad, 128, 64, 8, 2) if d_pad <= 64 else (d_pad, 64, 64, 4, 2)
     return (d_pad, 64, 64, 4, 2) if d_pad <= 64 else (d_pad, 64, 32, 4, 2)
-
-
-def _flags(q: torch.Tensor) -> dict:
-    return dict(
-        UPCAST=INTERPRET and q.dtype == torch.bfloat16,
-        # fp32 inputs get full-precision products (not tf32); fp16/bf16 ignore the setting.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
 
 
 def forward(q, k, v, prefix_k, prefix_v, mask, mask_kind, causal, scale, prefix_ids):
@@ -444,7 +361,7 @@ def forward(q, k, v, prefix_k, prefix_v, mask, mask_kind, causal, scale, prefix_
         *out.stride(),
         Hq, S, S_kv, P, Hq // Hkv, num_m, scale,
         MASK_KIND=mask_kind, CAUSAL=causal, PER_ROW=prefix_ids is not None,
-        D=D, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **_flags(q),
+        D=D, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **dtype_flags(q.dtype),
     )  # fmt: skip
     return out, lse
 
@@ -461,7 +378,9 @@ def backward(dout, q, k, v, prefix_k, prefix_v, out, lse, mask, mask_kind, causa
     ids = q if prefix_ids is None else prefix_ids
     per_row = prefix_ids is not None
     d_pad, bm, bn, warps, stages = _config(D, "bwd")
-    meta = dict(D=D, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **_flags(q))
+    meta = dict(
+        D=D, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **dtype_flags(q.dtype)
+    )
     dq = dk = dv = dpk = dpv = None
     if need_q:
         dq = torch.empty_like(q)

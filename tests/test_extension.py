@@ -5,6 +5,7 @@ and a syntax check of the CUDA half of csrc/bindings.cpp)."""
 
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TOLERANCES, assert_close
+from fastadapters.kernels import ACTIVATIONS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -183,6 +185,26 @@ def make_bank(d_in, d_outs, ranks, dtype):
     return bank_a, bank_bs
 
 
+def spread_ids(spread, n_tok, n, gen):
+    """[n_tok] adapter ids in 0..n-1 or -1 (no adapter): distinct (interleaved), zipf, sorted or all_base."""
+    if spread == "distinct":
+        return torch.arange(n_tok) % (n + 1) - 1
+    if spread == "zipf":
+        return torch.multinomial(1.0 / torch.arange(1, n + 2), n_tok, replacement=True, generator=gen) - 1
+    if spread == "sorted":
+        return torch.randint(-1, n, (n_tok,), generator=gen).sort().values
+    return torch.full((n_tok,), -1)
+
+
+def check_multi_lora(backend, dtype, label, x, ws, bs, bank_a, bank_bs, ranks, scales, ids):
+    """The grouped multi-LoRA op on `backend` against the reference, member by member."""
+    with ops.use_backend(backend), torch.no_grad():
+        ys = ml_ops.multi_lora_linear_grouped(x, ws, bs, bank_a, bank_bs, ranks, scales, ids)
+    refs = reference.multi_lora_linear_grouped(x, ws, bs, bank_a, bank_bs, ranks, scales, ids)
+    for m, (y, r) in enumerate(zip(ys, refs)):
+        assert_close(y, r, dtype, f"y[{m}] ({label})")
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("spread", ["distinct", "zipf", "sorted", "all_base"])
@@ -195,20 +217,8 @@ def test_multi_lora_cpu_matches_reference(dtype, spread):
     bs = [torch.randn(d_outs[0]).to(dtype), None]
     bank_a, bank_bs = make_bank(d_in, d_outs, ranks, dtype)
     scales = [[0.5 * (a + 1) for a in range(n)], [2.0] * n]
-    gen = torch.Generator().manual_seed(3)
-    if spread == "distinct":
-        ids = torch.arange(n_tok) % (n + 1) - 1
-    elif spread == "zipf":
-        ids = torch.multinomial(1.0 / torch.arange(1, n + 2), n_tok, replacement=True, generator=gen) - 1
-    elif spread == "sorted":
-        ids = torch.randint(-1, n, (n_tok,), generator=gen).sort().values
-    else:
-        ids = torch.full((n_tok,), -1)
-    with ops.use_backend("cpu"), torch.no_grad():
-        ys = ml_ops.multi_lora_linear_grouped(x, ws, bs, bank_a, bank_bs, ranks, scales, ids)
-    refs = reference.multi_lora_linear_grouped(x, ws, bs, bank_a, bank_bs, ranks, scales, ids)
-    for m, (y, r) in enumerate(zip(ys, refs)):
-        assert_close(y, r, dtype, f"y[{m}] ({spread})")
+    ids = spread_ids(spread, n_tok, n, torch.Generator().manual_seed(3))
+    check_multi_lora("cpu", dtype, spread, x, ws, bs, bank_a, bank_bs, ranks, scales, ids)
 
 
 @needs_ext
@@ -222,6 +232,24 @@ def test_multi_lora_cpu_empty_and_3d():
 
 
 # --------------------------------------------------------------------------------------------- bottleneck
+
+
+def check_bottleneck(dtype, activation, out, grad, h, down, up, scale, keep, p):
+    """out and the gradients out.backward(grad) left on h, down, up (and a tensor scale) against the fp32
+    reference with the backend's keep mask."""
+    hr, dr, ur = f32(h), f32(down), f32(up)
+    sr = f32(scale) if isinstance(scale, torch.Tensor) else scale
+    ref = reference.bottleneck_adapter(hr, dr, ur, sr, activation, dropout_mask=keep.float() / (1 - p))
+    ref.backward(grad.float())
+    assert_close(out, ref, dtype, "out")
+    for name, got, want in [
+        ("dh", h.grad, hr.grad),
+        ("d_down", down.grad, dr.grad),
+        ("d_up", up.grad, ur.grad),
+    ]:
+        assert_close(got, want, dtype, name)
+    if isinstance(scale, torch.Tensor):
+        assert_close(scale.grad, sr.grad, dtype, "d_scale")
 
 
 @needs_ext
@@ -242,19 +270,7 @@ def test_bottleneck_cpu_matches_reference(dtype, activation):
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     with ops.use_backend("cpu"):
         keep = bn_ops.bottleneck_dropout_mask((n, d), 0.1, seed, "cpu")
-    hr, dr, ur = f32(h), f32(down), f32(up)
-    sr = f32(scale) if isinstance(scale, torch.Tensor) else scale
-    ref = reference.bottleneck_adapter(hr, dr, ur, sr, activation, dropout_mask=keep.float() / 0.9)
-    ref.backward(grad.float())
-    assert_close(out, ref, dtype, "out")
-    for name, got, want in [
-        ("dh", h.grad, hr.grad),
-        ("d_down", down.grad, dr.grad),
-        ("d_up", up.grad, ur.grad),
-    ]:
-        assert_close(got, want, dtype, name)
-    if isinstance(scale, torch.Tensor):
-        assert_close(scale.grad, sr.grad, dtype, "d_scale")
+    check_bottleneck(dtype, activation, out, grad, h, down, up, scale, keep, 0.1)
 
 
 @needs_ext
@@ -436,6 +452,39 @@ def test_bindings_cuda_half_compiles(tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
 
 
+def test_activation_codes_are_the_one_table():
+    """The C++ and CUDA enums derive from csrc/activations.h, which lists fastadapters.kernels.ACTIVATIONS
+    in code order; the built extension exposes the list it was compiled with."""
+    header = (ROOT / "csrc" / "activations.h").read_text()
+    body = re.search(r"#define FA_ACTIVATIONS\(X\)(.*)", header).group(1)
+    pairs = re.findall(r"X\((\w+), (\w+)\)", body)
+    assert [lower for _, lower in pairs] == list(ACTIVATIONS)
+    assert all(upper == lower.upper() for upper, lower in pairs)
+    for header in ("cpu/ops.h", "cuda/launchers.h"):
+        assert "FA_ACTIVATIONS(" in (ROOT / "csrc" / header).read_text(), f"{header} does not use the list"
+    if _ext.AVAILABLE:
+        from fastadapters import _C
+
+        assert _C.ACTIVATIONS == ACTIVATIONS
+
+
+@needs_ext
+def test_bad_activation_code_names_the_table():
+    h, down, up = torch.randn(3, 8), torch.randn(2, 8), torch.randn(8, 2)
+    names = ", ".join(ACTIVATIONS)
+    expected = re.escape(
+        f"activation must be a code 0..{len(ACTIVATIONS) - 1} ({names}), got {len(ACTIVATIONS)}"
+    )
+    with pytest.raises(RuntimeError, match=expected):
+        torch.ops.fastadapters_C.bottleneck_forward(h, down, up, None, 1.0, len(ACTIVATIONS), 0.0, 0, None)
+
+
+def test_has_op_names_registered_ops_only():
+    assert _ext.has_op("bottleneck_forward") == _ext.AVAILABLE
+    assert _ext.has_op("lora_backward") == _ext.AVAILABLE
+    assert not _ext.has_op("no_such_op")
+
+
 def test_tolerance_table_is_the_shared_one():
     assert set(TOLERANCES) == set(DTYPES)
 
@@ -464,16 +513,9 @@ def test_multi_lora_cuda_matches_reference(dtype, shape):
     bank_a, bank_bs = make_bank(d_in, d_outs, ranks, dtype)
     bank_a, bank_bs = bank_a.to(dev), [b.to(dev) for b in bank_bs]
     scales = [[0.5 * (a + 1) for a in range(n)] for _ in ranks]
-    if shape == "decode":  # one token per request, adapters interleaved
-        ids = torch.arange(n_tok) % (n + 1) - 1
-    else:  # segments of unequal length
-        ids = torch.randint(-1, n, (n_tok,), generator=gen).sort().values
-    ids = ids.to(dev)
-    with ops.use_backend("cuda"), torch.no_grad():
-        ys = ml_ops.multi_lora_linear_grouped(x, ws, bs, bank_a, bank_bs, ranks, scales, ids)
-    refs = reference.multi_lora_linear_grouped(x, ws, bs, bank_a, bank_bs, ranks, scales, ids)
-    for m, (y, r) in enumerate(zip(ys, refs)):
-        assert_close(y, r, dtype, f"y[{m}] ({shape})")
+    # decode: one token per request, adapters interleaved; prefill: segments of unequal length
+    ids = spread_ids("distinct" if shape == "decode" else "sorted", n_tok, n, gen).to(dev)
+    check_multi_lora("cuda", dtype, shape, x, ws, bs, bank_a, bank_bs, ranks, scales, ids)
 
 
 @needs_cuda
@@ -499,17 +541,7 @@ def test_bottleneck_cuda_matches_reference(dtype, n, activation):
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     # The CPU kernels' mask: the CUDA kernels must draw the very same bits (csrc/dropout_hash.h).
     keep = torch.ops.fastadapters_C.dropout_mask([n, d], p, seed).to(dev)
-    hr, dr, ur, sr = f32(h), f32(down), f32(up), f32(scale)
-    ref = reference.bottleneck_adapter(hr, dr, ur, sr, activation, dropout_mask=keep.float() / (1 - p))
-    ref.backward(grad.float())
-    assert_close(out, ref, dtype, "out")
-    for name, got, want in [
-        ("dh", h.grad, hr.grad),
-        ("d_down", down.grad, dr.grad),
-        ("d_up", up.grad, ur.grad),
-    ]:
-        assert_close(got, want, dtype, name)
-    assert_close(scale.grad, sr.grad, dtype, "d_scale")
+    check_bottleneck(dtype, activation, out, grad, h, down, up, scale, keep, p)
 
 
 @needs_cuda

@@ -339,7 +339,7 @@ launches = [
 for fn, kind, const, args in launches:
     d_pad, bm, bn, warps, stages = K._config(D, kind)
     const = dict(const, D=D, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn, UPCAST=False, PER_ROW=True)
-    const["DOT_PRECISION"] = "tf32"
+    const["IEEE"] = False
     sig, consts = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:

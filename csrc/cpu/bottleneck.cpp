@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "rows.h"
 
 namespace fastadapters {
 namespace cpu {
@@ -139,13 +140,6 @@ FA_MULTIVERSION double activation_grad_rows(Activation act, const float* z, cons
 
 namespace {
 
-inline const char* row_ptr(const void* base, int64_t row, int64_t ld, DType dt) {
-    return static_cast<const char*>(base) + row * ld * dtype_size(dt);
-}
-inline char* row_ptr(void* base, int64_t row, int64_t ld, DType dt) {
-    return static_cast<char*>(base) + row * ld * dtype_size(dt);
-}
-
 int block_threads(int64_t n, double work) {
     const int64_t nblocks = (n + kRows - 1) / kRows;
     return std::max(1, std::min<int>(threads_for(work), static_cast<int>(std::max<int64_t>(nblocks, 1))));
@@ -160,7 +154,7 @@ void bottleneck_forward(DType dt, const void* h, int64_t h_ld, int64_t n, int64_
     const int64_t nblocks = (n + kRows - 1) / kRows;
     const int nt = block_threads(n, static_cast<double>(n) * b * (d_in + d_out));
     const bool f32 = dt == DType::f32;
-    const bool direct_h = f32 && !drop.active();
+    const bool direct_h = in_place_f32(dt, drop);
     const void* res = residual ? residual : h;
     const int64_t rld = residual ? res_ld : h_ld;
 
@@ -171,15 +165,9 @@ void bottleneck_forward(DType dt, const void* h, int64_t h_ld, int64_t n, int64_
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < nblocks; ++blk) {
             const int64_t r0 = blk * kRows, rows = std::min(kRows, n - r0);
-            const float* hp = static_cast<const float*>(h) + r0 * h_ld;
-            int64_t ldh = h_ld;
-            if (!direct_h) {
-                load_rows(dt, row_ptr(h, r0, h_ld, dt), h_ld, rows, d_in, hbuf.data(), d_in, drop, r0);
-                hp = hbuf.data();
-                ldh = d_in;
-            }
+            const F32Rows hr = f32_rows(dt, h, h_ld, r0, rows, d_in, hbuf.data(), drop);
             float* zp = f32 ? static_cast<float*>(z) + r0 * b : zbuf.data();
-            blas_gemm(false, true, rows, b, d_in, 1.0f, hp, ldh, down, d_in, 0.0f, zp, b);
+            blas_gemm(false, true, rows, b, d_in, 1.0f, hr.data, hr.ld, down, d_in, 0.0f, zp, b);
             if (!f32) {
                 store_rows(dt, zp, b, rows, b, row_ptr(z, r0, b, dt), b);
                 // What backward will see is the rounded z: compute f from the same values.
@@ -202,8 +190,8 @@ void bottleneck_backward(DType dt, const void* grad, int64_t g_ld, const void* h
     const int nt = block_threads(n, static_cast<double>(n) * b * (2.0 * d_in + 2.0 * d_out));
     const bool f32 = dt == DType::f32;
     const bool need_h_rows = d_down != nullptr;
-    const bool direct_h = f32 && !drop.active();
-    const bool direct_g = f32;
+    const bool direct_h = in_place_f32(dt, drop);
+    const bool direct_g = in_place_f32(dt);
 
     // Weight gradients: where grad (and h) are fp32 rows already, one full-size GEMM each after the pass (MKL
     // runs a [d × N]·[N × b] product far better than per-block rank-256 updates); else per-thread partial sums.
@@ -225,13 +213,9 @@ void bottleneck_backward(DType dt, const void* grad, int64_t g_ld, const void* h
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < nblocks; ++blk) {
             const int64_t r0 = blk * kRows, rows = std::min(kRows, n - r0);
-            const float* gp = static_cast<const float*>(grad) + r0 * g_ld;
-            int64_t ldg = g_ld;
-            if (!direct_g) {
-                load_rows(dt, row_ptr(grad, r0, g_ld, dt), g_ld, rows, d_out, gbuf.data(), d_out);
-                gp = gbuf.data();
-                ldg = d_out;
-            }
+            const F32Rows g = f32_rows(dt, grad, g_ld, r0, rows, d_out, gbuf.data());
+            const float* gp = g.data;
+            const int64_t ldg = g.ld;
             // gu = grad · U: the gradient reaching a = f(z), before the scale.
             blas_gemm(false, false, rows, b, d_out, 1.0f, gp, ldg, up, b, 0.0f, gu.data(), b);
             load_rows(dt, row_ptr(z, r0, b, dt), b, rows, b, zbuf.data(), b);
@@ -240,14 +224,8 @@ void bottleneck_backward(DType dt, const void* grad, int64_t g_ld, const void* h
             my_scale += activation_grad_rows(act, zbuf.data(), gu.data(), scale, ap, dzp, rows * b);
             if (my_up) blas_gemm(true, false, d_out, b, rows, scale, gp, ldg, ap, b, 1.0f, my_up, b);
             if (my_down) {
-                const float* hp = static_cast<const float*>(h) + r0 * h_ld;
-                int64_t ldh = h_ld;
-                if (!direct_h) {
-                    load_rows(dt, row_ptr(h, r0, h_ld, dt), h_ld, rows, d_in, hbuf.data(), d_in, drop, r0);
-                    hp = hbuf.data();
-                    ldh = d_in;
-                }
-                blas_gemm(true, false, b, d_in, rows, 1.0f, dzp, b, hp, ldh, 1.0f, my_down, d_in);
+                const F32Rows hr = f32_rows(dt, h, h_ld, r0, rows, d_in, hbuf.data(), drop);
+                blas_gemm(true, false, b, d_in, rows, 1.0f, dzp, b, hr.data, hr.ld, 1.0f, my_down, d_in);
             }
             if (dh) {
                 float* dp = f32 ? static_cast<float*>(dh) + r0 * d_in : dhbuf.data();
@@ -261,24 +239,16 @@ void bottleneck_backward(DType dt, const void* grad, int64_t g_ld, const void* h
         }
         scale_parts[tid] = my_scale;
     }
-    auto reduce = [nt](const std::vector<float>& parts, int64_t size, float* dst) {
-#pragma omp parallel for schedule(static) if (size * nt > (1 << 15))
-        for (int64_t i = 0; i < size; ++i) {
-            float s = 0.0f;
-            for (int p = 0; p < nt; ++p) s += parts[p * size + i];
-            dst[i] = s;
-        }
-    };
     if (full_up)
         blas_gemm(true, false, d_out, b, n, scale, static_cast<const float*>(grad), g_ld, a_all.data(), b, 0.0f, d_up,
                   b);
     else if (d_up)
-        reduce(up_parts, d_out * b, d_up);
+        reduce_parts(up_parts, nt, d_out * b, d_up);
     if (full_down)
         blas_gemm(true, false, b, d_in, n, 1.0f, dz_all.data(), b, static_cast<const float*>(h), h_ld, 0.0f, d_down,
                   d_in);
     else if (d_down)
-        reduce(down_parts, b * d_in, d_down);
+        reduce_parts(down_parts, nt, b * d_in, d_down);
     if (d_scale) {
         double s = 0.0;
         for (int p = 0; p < nt; ++p) s += scale_parts[p];

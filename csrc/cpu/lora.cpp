@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "rows.h"
 
 namespace fastadapters {
 namespace cpu {
@@ -15,23 +16,6 @@ namespace {
 
 // Rows per block: the block's fp32 copies of x, the mask and dx stay in L2 (3 · 32 · d_in · 4 bytes).
 constexpr int64_t kRows = 64;
-
-inline const char* row_ptr(const void* base, int64_t row, int64_t ld, DType dt) {
-    return static_cast<const char*>(base) + row * ld * dtype_size(dt);
-}
-inline char* row_ptr(void* base, int64_t row, int64_t ld, DType dt) {
-    return static_cast<char*>(base) + row * ld * dtype_size(dt);
-}
-
-// Sums the per-thread partial results parts[nt][size] into out[size].
-void reduce_parts(const std::vector<float>& parts, int nt, int64_t size, float* out) {
-#pragma omp parallel for schedule(static) if (size * nt > (1 << 15))
-    for (int64_t i = 0; i < size; ++i) {
-        float s = 0.0f;
-        for (int p = 0; p < nt; ++p) s += parts[p * size + i];
-        out[i] = s;
-    }
-}
 
 }  // namespace
 
@@ -46,7 +30,7 @@ void lora_forward(DType dt, const void* x, int64_t x_ld, int64_t n, int64_t d_in
     }
     const int64_t nblocks = (n + kRows - 1) / kRows;
     const int nt = std::max(1, std::min<int>(threads_for(work * n), static_cast<int>(nblocks)));
-    const bool direct_x = dt == DType::f32 && !drop.active();  // read fp32 x in place
+    const bool direct_x = in_place_f32(dt, drop);  // read fp32 x in place
 
 #pragma omp parallel num_threads(nt)
     {
@@ -55,14 +39,8 @@ void lora_forward(DType dt, const void* x, int64_t x_ld, int64_t n, int64_t d_in
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nblocks; ++b) {
             const int64_t r0 = b * kRows, rows = std::min(kRows, n - r0);
-            const float* xp = static_cast<const float*>(x) + r0 * x_ld;
-            int64_t ldx = x_ld;
-            if (!direct_x) {
-                load_rows(dt, row_ptr(x, r0, x_ld, dt), x_ld, rows, d_in, xbuf.data(), d_in, drop, r0);
-                xp = xbuf.data();
-                ldx = d_in;
-            }
-            blas_gemm(false, true, rows, R, d_in, 1.0f, xp, ldx, a, d_in, 0.0f, tbuf.data(), R);
+            const F32Rows xr = f32_rows(dt, x, x_ld, r0, rows, d_in, xbuf.data(), drop);
+            blas_gemm(false, true, rows, R, d_in, 1.0f, xr.data, xr.ld, a, d_in, 0.0f, tbuf.data(), R);
             store_rows(dt, tbuf.data(), R, rows, R, row_ptr(t, r0, R, dt), R);
             for (int i = 0; i < k; ++i) {
                 const LoraOut& o = outs[i];
@@ -98,7 +76,7 @@ void lora_backward(DType dt, const void* x, int64_t x_ld, int64_t n, int64_t d_i
     for (int i = 0; i < k; ++i)
         if (grads[i].dbt) dbt_parts[i].assign(nt * grads[i].rank * grads[i].d_out, 0.0f);
     const bool need_xd = da != nullptr;  // dA needs the dropped x rows
-    const bool direct_x = dt == DType::f32 && !drop.active();
+    const bool direct_x = in_place_f32(dt, drop);
 
 #pragma omp parallel num_threads(nt)
     {
@@ -113,31 +91,19 @@ void lora_backward(DType dt, const void* x, int64_t x_ld, int64_t n, int64_t d_i
             if (any_db) load_rows(dt, row_ptr(t, r0, R, dt), R, rows, R, tbuf.data(), R);
             for (int i = 0; i < k; ++i) {
                 const LoraGrad& g = grads[i];
-                const float* dyp = static_cast<const float*>(g.dy) + r0 * g.dy_ld;
-                int64_t ldy = g.dy_ld;
-                if (dt != DType::f32) {
-                    load_rows(dt, row_ptr(g.dy, r0, g.dy_ld, dt), g.dy_ld, rows, g.d_out, dybuf.data(), g.d_out);
-                    dyp = dybuf.data();
-                    ldy = g.d_out;
-                }
-                blas_gemm(false, false, rows, g.rank, g.d_out, 1.0f, dyp, ldy, g.bs, g.rank, 0.0f, ds.data() + g.offset,
-                          R);
+                const F32Rows dy = f32_rows(dt, g.dy, g.dy_ld, r0, rows, g.d_out, dybuf.data());
+                blas_gemm(false, false, rows, g.rank, g.d_out, 1.0f, dy.data, dy.ld, g.bs, g.rank, 0.0f,
+                          ds.data() + g.offset, R);
                 if (g.dbt) {
                     float* part = dbt_parts[i].data() + static_cast<int64_t>(tid) * g.rank * g.d_out;
-                    blas_gemm(true, false, g.rank, g.d_out, rows, 1.0f, tbuf.data() + g.offset, R, dyp, ldy, 1.0f, part,
-                              g.d_out);
+                    blas_gemm(true, false, g.rank, g.d_out, rows, 1.0f, tbuf.data() + g.offset, R, dy.data, dy.ld,
+                              1.0f, part, g.d_out);
                 }
             }
             if (need_xd) {
-                const float* xp = static_cast<const float*>(x) + r0 * x_ld;
-                int64_t ldx = x_ld;
-                if (!direct_x) {
-                    load_rows(dt, row_ptr(x, r0, x_ld, dt), x_ld, rows, d_in, xbuf.data(), d_in, drop, r0);
-                    xp = xbuf.data();
-                    ldx = d_in;
-                }
+                const F32Rows xr = f32_rows(dt, x, x_ld, r0, rows, d_in, xbuf.data(), drop);
                 float* part = da_parts.data() + static_cast<int64_t>(tid) * R * d_in;
-                blas_gemm(true, false, R, d_in, rows, 1.0f, ds.data(), R, xp, ldx, 1.0f, part, d_in);
+                blas_gemm(true, false, R, d_in, rows, 1.0f, ds.data(), R, xr.data, xr.ld, 1.0f, part, d_in);
             }
             if (dx) {
                 if (dt == DType::f32) {

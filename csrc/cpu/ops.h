@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 
+#include "../activations.h"
 #include "vec.h"
 
 namespace fastadapters {
@@ -63,7 +64,14 @@ void multi_lora_forward(DType dt, const void* x, int64_t x_ld, int64_t n, int64_
 
 // ---- bottleneck adapter: out = residual + scale · f(drop(h) Dᵀ) Uᵀ ----
 
-enum class Activation : int { tanh = 0, relu = 1, gelu = 2, silu = 3, sigmoid = 4 };
+// tanh = 0, relu, gelu, silu, sigmoid: the codes of csrc/activations.h.
+#define FA_ACTIVATION_ENUM(UPPER, lower) lower,
+enum class Activation : int { FA_ACTIVATIONS(FA_ACTIVATION_ENUM) };
+#undef FA_ACTIVATION_ENUM
+#define FA_ACTIVATION_NAME(UPPER, lower) #lower,
+inline constexpr const char* kActivationNames[] = {FA_ACTIVATIONS(FA_ACTIVATION_NAME)};
+#undef FA_ACTIVATION_NAME
+inline constexpr int kNumActivations = sizeof(kActivationNames) / sizeof(kActivationNames[0]);
 
 // down: [b, d_in] fp32; up: [d_out, b] fp32; residual: [n, d_out] (row stride res_ld) or nullptr for h;
 // out: [n, d_out] written; z: [n, b] written with the pre-activation (saved for backward).

@@ -43,6 +43,22 @@ __device__ __forceinline__ float act_df(int act, float z) {
     }
 }
 
+// What a warp of the small-batch kernels owns: column `col` (blockIdx.y · kWarps + warp) for the rows
+// r0 … r0 + nr - 1 of its row block (blockIdx.x), nr <= kRowsPerWarp.
+struct WarpRows {
+    int lane, nr;
+    int64_t col, r0;
+};
+
+__device__ __forceinline__ WarpRows warp_rows(int64_t n) {
+    WarpRows w;
+    w.lane = threadIdx.x % 32;
+    w.col = static_cast<int64_t>(blockIdx.y) * kWarps + threadIdx.x / 32;
+    w.r0 = static_cast<int64_t>(blockIdx.x) * kRowsPerWarp;
+    w.nr = static_cast<int>(n - w.r0 < kRowsPerWarp ? n - w.r0 : kRowsPerWarp);
+    return w;
+}
+
 template <typename T>
 __device__ __forceinline__ float read_scale(const void* scale_ptr, float scale) {
     return scale_ptr ? to_f(*static_cast<const T*>(scale_ptr)) : scale;
@@ -87,18 +103,15 @@ template <typename T>
 __global__ void down_kernel(int act, const T* __restrict__ h, int64_t h_ld, int64_t n, int64_t d_in,
                             const T* __restrict__ down, int64_t b, uint32_t thr, float inv, int64_t seed,
                             T* __restrict__ z, float* __restrict__ a) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int64_t j = static_cast<int64_t>(blockIdx.y) * kWarps + warp;
-    const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRowsPerWarp;
+    const WarpRows w = warp_rows(n);
+    const int64_t j = w.col, r0 = w.r0;
+    const int lane = w.lane, nr = w.nr;
     if (j >= b) return;
-    const int nr = static_cast<int>(n - r0 < kRowsPerWarp ? n - r0 : kRowsPerWarp);
     const bool drop = seed >= 0;
     uint32_t keys[kRowsPerWarp];
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) keys[r] = drop && r < nr ? fa_row_key(seed, r0 + r) : 0u;
-    float acc[kRowsPerWarp];
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) acc[r] = 0.0f;
+    float acc[kRowsPerWarp] = {};
     const T* dr = down + j * d_in;
     for (int64_t k = lane; k < d_in; k += 32) {
         const float w = to_f(dr[k]);
@@ -127,14 +140,11 @@ template <typename T>
 __global__ void up_kernel(const float* __restrict__ a, int64_t n, int64_t b, const T* __restrict__ up, int64_t d_out,
                           const void* scale_ptr, float scale, const T* __restrict__ res, int64_t res_ld,
                           T* __restrict__ out) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int64_t o = static_cast<int64_t>(blockIdx.y) * kWarps + warp;
-    const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRowsPerWarp;
+    const WarpRows w = warp_rows(n);
+    const int64_t o = w.col, r0 = w.r0;
+    const int lane = w.lane, nr = w.nr;
     if (o >= d_out) return;
-    const int nr = static_cast<int>(n - r0 < kRowsPerWarp ? n - r0 : kRowsPerWarp);
-    float acc[kRowsPerWarp];
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) acc[r] = 0.0f;
+    float acc[kRowsPerWarp] = {};
     const T* ur = up + o * b;
     for (int64_t j = lane; j < b; j += 32) {
         const float w = to_f(ur[j]);

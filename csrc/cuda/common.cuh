@@ -10,23 +10,33 @@
 namespace fastadapters {
 namespace cuda {
 
+// fp32 <-> storage type T, one specialisation per dtype (round to nearest even on the way back).
 template <typename T>
-__device__ __forceinline__ float to_f(T v);
+struct Storage;
 template <>
-__device__ __forceinline__ float to_f<float>(float v) { return v; }
+struct Storage<float> {
+    static __device__ __forceinline__ float to_f(float v) { return v; }
+    static __device__ __forceinline__ float from_f(float v) { return v; }
+};
 template <>
-__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+struct Storage<__half> {
+    static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+    static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
+};
 template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+struct Storage<__nv_bfloat16> {
+    static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+    static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+};
 
 template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ float to_f(T v) {
+    return Storage<T>::to_f(v);
+}
+template <typename T>
+__device__ __forceinline__ T from_f(float v) {
+    return Storage<T>::from_f(v);
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

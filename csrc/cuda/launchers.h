@@ -5,12 +5,17 @@
 #pragma once
 #include <stdint.h>
 
+#include "../activations.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 enum { FA_F32 = 0, FA_F16 = 1, FA_BF16 = 2 };
-enum { FA_TANH = 0, FA_RELU = 1, FA_GELU = 2, FA_SILU = 3, FA_SIGMOID = 4 };
+// FA_TANH = 0, FA_RELU, FA_GELU, FA_SILU, FA_SIGMOID (csrc/activations.h), then their count.
+#define FA_ACTIVATION_CODE(UPPER, lower) FA_##UPPER,
+enum { FA_ACTIVATIONS(FA_ACTIVATION_CODE) FA_NUM_ACTIVATIONS };
+#undef FA_ACTIVATION_CODE
 #define FA_MAX_MEMBERS 8
 
 const char* fa_cuda_error_string(int err);
