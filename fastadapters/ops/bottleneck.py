@@ -26,7 +26,7 @@ from fastadapters.ops._activations import ACTIVATIONS  # noqa: F401  (public her
 from fastadapters.ops._autograd import Autograd, Op
 from fastadapters.ops._dispatch import Backend, extension, no_reasons, register, select, triton_reasons
 
-# The Triton kernels' limit (kernels/bottleneck.py MAX_BOTTLENECK); the torch backend has none.
+# A dispatch rule, not a kernel limit: the Triton two-kernel path is tested up to this bottleneck size.
 TRITON_MAX_BOTTLENECK = 1024
 
 
