@@ -616,8 +616,8 @@ class AdapterBank:
         if attention_mask is not None:
             if not isinstance(attention_mask, Tensor):
                 raise TypeError(
-                    f"attention_mask must be a torch.Tensor of shape {tuple(input_ids.shape)} (like input_ids) "
-                    f"or None, got {type(attention_mask).__name__}"
+                    f"attention_mask must be a torch.Tensor of shape {tuple(input_ids.shape)} (like "
+                    f"input_ids) or None, got {type(attention_mask).__name__}"
                 )
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(
@@ -639,7 +639,8 @@ class AdapterBank:
         for i, n in enumerate(adapter_names):
             if n is not None and not isinstance(n, str):
                 raise TypeError(
-                    f"adapter_names[{i}] must be an adapter name (str) or None, got {type(n).__name__} {n!r:.60}"
+                    f"adapter_names[{i}] must be an adapter name (str) or None, got "
+                    f"{type(n).__name__} {n!r:.60}"
                 )
         state = self._state
         index = state.index

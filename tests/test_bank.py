@@ -19,7 +19,7 @@ import torch
 from conftest import HYPOTHESIS, assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import VOCAB, tiny_model
+from models import VOCAB, tiny_config, tiny_model
 from test_multi_lora import row_adapters
 
 import fastadapters
@@ -354,6 +354,60 @@ def test_bad_requests(setup):
         bank.remove("nope")
     with pytest.raises(ValueError, match="already loaded"):
         bank.load(bank.names()[0], folders[bank.names()[0]])
+
+
+def test_bad_inputs_are_named():
+    """Malformed requests raise a TypeError/ValueError naming the argument, before the model runs."""
+    bank = AdapterBank(tiny_model("llama"))
+    ids = torch.randint(3, VOCAB, (2, 4))
+    name_error = r"^adapter_names\[{}\] must be an adapter name \(str\) or None, got {}"
+    for call in (bank.forward, lambda *a, **kw: bank.generate(*a, max_new_tokens=1, **kw)):
+        with pytest.raises(TypeError, match=name_error.format(0, "list")):
+            call(ids, None, [["a"], None])
+        with pytest.raises(TypeError, match=name_error.format(1, "int")):
+            call(ids, None, [None, 3])
+        with pytest.raises(TypeError, match=r"^input_ids must hold integer token ids .* dtype torch.float32"):
+            call(ids.float(), None, [None, None])
+        for mask in (torch.ones(2, 5), torch.ones(3, 4), torch.ones(2, 4, 1)):
+            shape = re.escape(str(tuple(mask.shape)))
+            with pytest.raises(
+                ValueError, match=rf"^attention_mask must have input_ids' shape .* got shape {shape}"
+            ):
+                call(ids, mask, [None, None])
+        with pytest.raises(TypeError, match=r"^attention_mask must be a torch.Tensor of shape \(2, 4\)"):
+            call(ids, [[1] * 4] * 2, [None, None])
+    logits = bank.forward(ids, torch.ones(2, 4, dtype=torch.bool), [None, None])  # bool, int, float all fine
+    assert torch.equal(logits, bank.forward(ids, torch.ones(2, 4), [None, None]))
+
+
+def test_bank_leaves_models_sharing_its_config_alone():
+    """Two models built from one config object: a bank serving a prefix on one routes only that model's
+    attention (set_attn_implementation writes into the config; the bank's model gets a copy first)."""
+    cfg = tiny_config("llama")
+    served, other = (tiny_model_from(cfg, seed) for seed in (0, 1))
+    assert served.config is other.config
+    before = other.config._attn_implementation
+    ids = torch.randint(3, VOCAB, (1, 5))
+    with torch.no_grad():
+        expected = other(ids).logits
+    bank = AdapterBank(served)
+    config = OTHERS["prefix5"]("llama")
+    bank.add(
+        "p", fastadapters.io.adapter_state_dict(make_adapter(tiny_model("llama"), config, seed=3)), config
+    )
+    assert served.config._attn_implementation == "fastadapters_bank"
+    assert other.config._attn_implementation == before
+    with torch.no_grad():
+        assert torch.equal(other(ids).logits, expected)
+    assert bank.forward(ids, adapter_names=["p"]).isfinite().all()
+
+
+def tiny_model_from(cfg, seed):
+    """LlamaForCausalLM(cfg): the model holds `cfg` itself (from_config would copy it)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
 
 
 def _state_and_outputs(bank, ids):
