@@ -280,7 +280,7 @@ def _lora_nan_isolated(ranks, bad, seq, sort, backend):
 
 @pytest.mark.parametrize("strategy", ["segments", "batched", "rows"])
 @pytest.mark.parametrize("uniform", [False, True], ids=["mixed-ranks", "one-rank"])
-@pytest.mark.parametrize("bad", [0, 2])
+@pytest.mark.parametrize("bad", [0, 1, 2])
 def test_torch_strategies_nan_adapter_changes_no_other_row(monkeypatch, strategy, uniform, bad):
     """Each torch strategy, forced: a NaN-filled adapter changes no other row. Other rows were multiplied
     by 0 (base rows riding in a bucket's batch; padded decode slots pointing at token 0), and NaN x 0 is
@@ -423,9 +423,9 @@ def test_bottleneck_nan_adapter_changes_no_other_row(monkeypatch, backend, strat
     gen = torch.Generator().manual_seed(22)
     d = 20
     down, up, scales = make_bottleneck_bank(d, d, torch.float32, gen)
-    bad = 0
     row_ids = torch.tensor(NAN_ROW_IDS)
-    for seq in (1, 12) if backend != "triton" else (1, 4):
+    seqs = (1, 12) if backend != "triton" else (1, 4)
+    for bad, seq in [(bad, seq) for bad in (0, 1) for seq in seqs]:
         sorted_ids = row_ids.sort().values
         ids = sorted_ids[:, None].expand(len(row_ids), seq).to(DEVICE)
         h = torch.randn(len(row_ids), seq, d, generator=gen).to(DEVICE)
@@ -439,7 +439,7 @@ def test_bottleneck_nan_adapter_changes_no_other_row(monkeypatch, backend, strat
         mine = (sorted_ids == bad).to(DEVICE)
         assert not clean.isnan().any()
         assert dirty[mine].isnan().all()
-        assert torch.equal(dirty[~mine], clean[~mine]), f"seq {seq}: a row of another adapter changed"
+        assert torch.equal(dirty[~mine], clean[~mine]), f"adapter {bad} NaN, seq {seq}: another row changed"
 
 
 def test_bottleneck_bad_input():
