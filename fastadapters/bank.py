@@ -56,7 +56,7 @@ from fastadapters.ops.multi_lora import (
     run_unchecked,
 )
 from fastadapters.patch import check_state, set_submodule
-from fastadapters.prefix import ENCODER_ATTR, PREFIX_ATTR, build_prefix, register_attention
+from fastadapters.prefix import ENCODER_ATTR, PREFIX_ATTR, build_prefix, own_config, register_attention
 
 ATTENTION_NAME = "fastadapters_bank"
 BANK_ATTR = "_fastadapters_bank"
@@ -502,6 +502,7 @@ class AdapterBank:
                 object.__setattr__(module, BANK_ATTR, (self, path))
         if not self._attention_routed:
             register_attention(ATTENTION_NAME, bank_attention_forward)
+            own_config(self.model)  # other models built from the same config object keep their attention
             self.model.set_attn_implementation(ATTENTION_NAME)
             self._attention_routed = True
 
@@ -602,12 +603,29 @@ class AdapterBank:
     def _request(self) -> _Request | None:
         return getattr(self._local, "request", None)
 
-    def _begin(self, input_ids: Tensor, adapter_names) -> tuple[_Request, Tensor | None]:
+    def _begin(self, input_ids: Tensor, adapter_names, attention_mask=None) -> tuple[_Request, Tensor | None]:
         """The request (the current snapshot, the rows' adapter ids) and the row order sorting them."""
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             raise ValueError(
                 f"input_ids must be a [batch, seq] tensor, got {getattr(input_ids, 'shape', input_ids)!r}"
             )
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(
+                f"input_ids must hold integer token ids (int64 or int32), got dtype {input_ids.dtype}"
+            )
+        if attention_mask is not None:
+            if not isinstance(attention_mask, Tensor):
+                raise TypeError(
+                    f"attention_mask must be a torch.Tensor of shape {tuple(input_ids.shape)} (like "
+                    f"input_ids) or None, got {type(attention_mask).__name__}"
+                )
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask must have input_ids' shape {tuple(input_ids.shape)} (batch, seq), got "
+                    f"shape {tuple(attention_mask.shape)}"
+                )
+            if attention_mask.dtype.is_complex:
+                raise TypeError(f"attention_mask must be bool, integer or float, got {attention_mask.dtype}")
         batch = input_ids.shape[0]
         if isinstance(adapter_names, (str, bytes)) or not isinstance(adapter_names, (list, tuple)):
             raise TypeError(
@@ -618,6 +636,12 @@ class AdapterBank:
                 f"adapter_names has {len(adapter_names)} entries for a batch of {batch} rows; give one per "
                 "row (None for the base model)"
             )
+        for i, n in enumerate(adapter_names):
+            if n is not None and not isinstance(n, str):
+                raise TypeError(
+                    f"adapter_names[{i}] must be an adapter name (str) or None, got "
+                    f"{type(n).__name__} {n!r:.60}"
+                )
         state = self._state
         index = state.index
         unknown = sorted({n for n in adapter_names if n is not None and n not in index}, key=str)
@@ -646,7 +670,7 @@ class AdapterBank:
         input_ids: [B, S]; attention_mask: [B, S] or None (left padding: positions then count real tokens,
         as generate() does).
         """
-        req, order = self._begin(input_ids, adapter_names)
+        req, order = self._begin(input_ids, adapter_names, attention_mask)
         kwargs = {}
         if order is not None:
             input_ids = input_ids[order.to(input_ids.device)]
@@ -673,7 +697,7 @@ class AdapterBank:
         input_ids: [B, S] (left-padded with attention_mask for rows of different lengths). Tensor keyword
         arguments with B rows are reordered with the rows; the output comes back in input order.
         """
-        req, order = self._begin(input_ids, adapter_names)
+        req, order = self._begin(input_ids, adapter_names, attention_mask)
         batch = input_ids.shape[0]
         if order is not None:
             input_ids = input_ids[order.to(input_ids.device)]

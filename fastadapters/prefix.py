@@ -256,6 +256,20 @@ def build_prefix(model: nn.Module, config: PrefixConfig, paths: list[str], devic
     return {f"{path}.{PREFIX_ATTR}": PrefixKV(kv_heads, P, head_dim, device, dtype) for path in paths}
 
 
+def own_config(model: nn.Module) -> None:
+    """Gives `model` a copy of its config (and its submodules that hold the same config objects, sub-configs
+    included, the copies), so that writing into it (set_attn_implementation) leaves other models built from
+    the same config object alone."""
+    from transformers import PretrainedConfig
+
+    copies = {}
+    copy.deepcopy(model.config, copies)
+    for module in model.modules():
+        shared = module.__dict__.get("config")
+        if isinstance(shared, PretrainedConfig) and id(shared) in copies:
+            module.config = copies[id(shared)]
+
+
 def apply_prefix(model: nn.Module, config: PrefixConfig, families: dict = PREFIX_ATTENTION) -> None:
     """Gives each attention layer its prefix and routes attention through prefix_attention.
 
@@ -277,16 +291,7 @@ def apply_prefix(model: nn.Module, config: PrefixConfig, families: dict = PREFIX
             setattr(module, PREFIX_ATTR, added[f"{path}.{PREFIX_ATTR}"])
     if route == "registry":
         register_attention()
-        # set_attn_implementation writes into model.config, which models built from one config object share:
-        # this model (and its submodules that hold the same config objects) first gets a copy of its own.
-        from transformers import PretrainedConfig
-
-        copies = {}
-        copy.deepcopy(model.config, copies)
-        for module in model.modules():
-            shared = module.__dict__.get("config")
-            if isinstance(shared, PretrainedConfig) and id(shared) in copies:
-                module.config = copies[id(shared)]
+        own_config(model)
         model._fastadapters_previous_attention = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION_NAME)
     else:

@@ -16,11 +16,14 @@ import threading
 import peft
 import pytest
 import torch
-from conftest import assert_close
-from models import VOCAB, tiny_model
+from conftest import HYPOTHESIS, assert_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from models import VOCAB, tiny_config, tiny_model
 from test_multi_lora import row_adapters
 
 import fastadapters
+from fastadapters import ops
 from fastadapters.bank import AdapterBank, BankLinear
 from fastadapters.patch import adapter_named_parameters
 
@@ -353,6 +356,60 @@ def test_bad_requests(setup):
         bank.load(bank.names()[0], folders[bank.names()[0]])
 
 
+def test_bad_inputs_are_named():
+    """Malformed requests raise a TypeError/ValueError naming the argument, before the model runs."""
+    bank = AdapterBank(tiny_model("llama"))
+    ids = torch.randint(3, VOCAB, (2, 4))
+    name_error = r"^adapter_names\[{}\] must be an adapter name \(str\) or None, got {}"
+    for call in (bank.forward, lambda *a, **kw: bank.generate(*a, max_new_tokens=1, **kw)):
+        with pytest.raises(TypeError, match=name_error.format(0, "list")):
+            call(ids, None, [["a"], None])
+        with pytest.raises(TypeError, match=name_error.format(1, "int")):
+            call(ids, None, [None, 3])
+        with pytest.raises(TypeError, match=r"^input_ids must hold integer token ids .* dtype torch.float32"):
+            call(ids.float(), None, [None, None])
+        for mask in (torch.ones(2, 5), torch.ones(3, 4), torch.ones(2, 4, 1)):
+            shape = re.escape(str(tuple(mask.shape)))
+            with pytest.raises(
+                ValueError, match=rf"^attention_mask must have input_ids' shape .* got shape {shape}"
+            ):
+                call(ids, mask, [None, None])
+        with pytest.raises(TypeError, match=r"^attention_mask must be a torch.Tensor of shape \(2, 4\)"):
+            call(ids, [[1] * 4] * 2, [None, None])
+    logits = bank.forward(ids, torch.ones(2, 4, dtype=torch.bool), [None, None])  # bool, int, float all fine
+    assert torch.equal(logits, bank.forward(ids, torch.ones(2, 4), [None, None]))
+
+
+def test_bank_leaves_models_sharing_its_config_alone():
+    """Two models built from one config object: a bank serving a prefix on one routes only that model's
+    attention (set_attn_implementation writes into the config; the bank's model gets a copy first)."""
+    cfg = tiny_config("llama")
+    served, other = (tiny_model_from(cfg, seed) for seed in (0, 1))
+    assert served.config is other.config
+    before = other.config._attn_implementation
+    ids = torch.randint(3, VOCAB, (1, 5))
+    with torch.no_grad():
+        expected = other(ids).logits
+    bank = AdapterBank(served)
+    config = OTHERS["prefix5"]("llama")
+    bank.add(
+        "p", fastadapters.io.adapter_state_dict(make_adapter(tiny_model("llama"), config, seed=3)), config
+    )
+    assert served.config._attn_implementation == "fastadapters_bank"
+    assert other.config._attn_implementation == before
+    with torch.no_grad():
+        assert torch.equal(other(ids).logits, expected)
+    assert bank.forward(ids, adapter_names=["p"]).isfinite().all()
+
+
+def tiny_model_from(cfg, seed):
+    """LlamaForCausalLM(cfg): the model holds `cfg` itself (from_config would copy it)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
 def _state_and_outputs(bank, ids):
     return bank.names(), bank.forward(ids, adapter_names=[*bank.names(), None][: ids.shape[0]])
 
@@ -429,3 +486,108 @@ def test_one_bank_per_model():
     patched = fastadapters.apply(tiny_model("llama"), fastadapters.LoraConfig(r=2))
     with pytest.raises(ValueError, match="already has a fastadapters adapter"):
         AdapterBank(patched)
+
+
+# ----------------------------------------------------------------------------------------- faulty adapters
+
+# Adapters for the NaN-isolation tests (tiny Llama): four LoRA adapters of one rank on the default targets
+# (one bucket: with four present, prefill takes the rows-of-one-adapter path, base rows riding along), one
+# of another rank on other layers, two series adapters of one size and activation, a parallel one, and
+# prefixes of two lengths.
+NAN_ADAPTERS = {
+    **{f"lora{i}": (lambda i=i: LoraConfig(r=4, lora_alpha=4 + i)) for i in range(4)},
+    "lora_r8": lambda: lora(8, ["q_proj", "k_proj", "v_proj", "o_proj"], 3),
+    "series": lambda: OTHERS["series"]("llama"),
+    "series_b": lambda: OTHERS["series"]("llama"),
+    "parallel": lambda: OTHERS["parallel"]("llama"),
+    "prefix5": lambda: OTHERS["prefix5"]("llama"),
+    "prefix3": lambda: OTHERS["prefix3"]("llama"),
+}
+# None: the default choice on the CPU (the C++ extension for multi-LoRA, torch for the bottleneck and
+# prefix ops, which have no C++ kernel); then each other backend forced.
+CPU_BACKENDS = (None, "torch", "triton")
+
+
+@pytest.fixture(scope="module")
+def nan_banks():
+    """bank(bad) -> an AdapterBank holding every NAN_ADAPTERS adapter in one order, the adapter `bad`
+    (None: none) with every tensor NaN. Banks are built on first use. The NaN state goes in through
+    bank.add: the bank, unlike fastadapters.load, does not check finiteness."""
+    base = tiny_model("llama")
+    states = {}
+    for i, (name, make) in enumerate(NAN_ADAPTERS.items()):
+        config = make()
+        states[name] = (config, fastadapters.io.adapter_state_dict(make_adapter(base, config, seed=40 + i)))
+    banks = {}
+
+    def bank(bad):
+        if bad not in banks:
+            banks[bad] = AdapterBank(copy.deepcopy(base))
+            for name, (config, state) in states.items():
+                if name == bad:
+                    state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
+                banks[bad].add(name, state, config)
+        return banks[bad]
+
+    return bank
+
+
+def assert_nan_isolated(nan_banks, names, bad, lengths, backend):
+    """Rows of adapters other than `bad` give bit-identical logits with and without `bad` NaN-filled;
+    rows of `bad` are NaN (the fill reached the batch)."""
+    ids, mask = padded_batch(lengths, seed=len(names))
+    with ops.use_backend(backend):
+        clean = nan_banks(None).forward(ids, mask, adapter_names=names)
+        dirty = nan_banks(bad).forward(ids, mask, adapter_names=names)
+    assert not clean.isnan().any()
+    for i, name in enumerate(names):
+        real = slice(ids.shape[1] - lengths[i], None)  # padded positions are not checked
+        if name == bad:
+            assert dirty[i, real].isnan().all(), f"row {i} ({name}): the NaN adapter left its own row finite"
+        else:
+            assert torch.equal(dirty[i, real], clean[i, real]), (
+                f"row {i} ({name}) changed when adapter {bad!r} was NaN-filled; rows {names}, "
+                f"lengths {lengths}, backend {backend or 'default'}"
+            )
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, ids=lambda b: b or "default")
+@pytest.mark.parametrize(
+    "names, bad, lengths",
+    [
+        # The issue's case: a padded few-token batch, the padding reading another adapter's token.
+        (["series", "series_b", "series"], "series_b", [3, 2, 3]),
+        # Four LoRA adapters of one bucket over rows of >= 8 tokens: the base and bottleneck rows ride in
+        # the bucket's batch, borrowing lora0's index.
+        (["lora0", "lora1", "lora2", "lora3", None, "series"], "lora0", [9, 8, 9, 9, 7, 9]),
+        (["lora1", "lora0", None], "lora0", [5, 5, 4]),
+        ([None, "prefix5", "lora0"], "prefix5", [4, 5, 3]),  # rows without a prefix borrow prefix 0
+        (["prefix3", "prefix5", None, "prefix3"], "prefix3", [2, 4, 4, 3]),
+    ],
+)
+def test_nan_adapter_changes_no_other_row(nan_banks, names, bad, lengths, backend):
+    """A NaN-filled adapter (e.g. a diverged training run) leaves every other row of the batch exactly as
+    it was: a row's result depends only on its own adapter, on every backend."""
+    assert_nan_isolated(nan_banks, names, bad, lengths, backend)
+
+
+@pytest.mark.parametrize(
+    "backend, examples", [(None, 20), ("torch", 20), ("triton", 3)], ids=["default", "torch", "triton"]
+)
+def test_nan_adapter_changes_no_other_row_property(nan_banks, backend, examples):
+    """In any mixed batch (LoRA, bottleneck, prefix and base rows, any lengths), filling one adapter with
+    NaN changes no other row."""
+    choices = [*NAN_ADAPTERS, None]
+    longest = 3 if backend == "triton" else 10
+
+    @settings(max_examples=examples, **HYPOTHESIS)
+    @given(
+        names=st.lists(st.sampled_from(choices), min_size=1, max_size=4 if backend == "triton" else 7),
+        bad=st.sampled_from(list(NAN_ADAPTERS)),
+        data=st.data(),
+    )
+    def check(names, bad, data):
+        lengths = data.draw(st.lists(st.integers(1, longest), min_size=len(names), max_size=len(names)))
+        assert_nan_isolated(nan_banks, names, bad, lengths, backend)
+
+    check()

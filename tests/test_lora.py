@@ -515,6 +515,18 @@ def test_rank0_both_factors():
         ops.lora_linear(**kwargs)
 
 
+def test_zero_input_features():
+    """d_in = 0 (x, weight and lora_a all empty in their last dimension) is refused naming x and d_in, not
+    with a reshape error from inside the op."""
+    kwargs = _good(d_in=0)
+    with pytest.raises(ValueError, match=r"^x must have a last dimension \(d_in\) >= 1, got shape \(4, 0\)"):
+        ops.lora_linear(**kwargs)
+    members = dict(weights=[kwargs["weight"]], biases=[None], lora_as=[kwargs["lora_a"]],
+                   lora_bs=[kwargs["lora_b"]], scales=[1.0])  # fmt: skip
+    with pytest.raises(ValueError, match=r"^x must have a last dimension \(d_in\) >= 1"):
+        ops.lora_linear_grouped(kwargs["x"], **members)
+
+
 def test_device_mismatch_x_on_meta():
     kwargs = _good()
     kwargs["x"] = torch.randn(4, 6, device="meta")

@@ -224,7 +224,7 @@ def test_triton_split_k_and_tiles(monkeypatch):
 def test_torch_strategies(monkeypatch, strategy, spread, uniform):
     """Every strategy of the torch backend, forced: per-adapter segments, the padded bmm groups (decode)
     and rows of one adapter each (prefill), with one rank signature (the rows path then takes the whole
-    batch, base rows scaled by 0) or several (rows gathered per signature)."""
+    batch, base rows zero-filled) or several (rows gathered per signature)."""
     monkeypatch.setattr(torch_ml, "BATCHED_BELOW", 10**9 if strategy == "batched" else 0)
     monkeypatch.setattr(torch_ml, "ROWS_FROM_ADAPTERS", 1 if strategy == "rows" else 10**9)
     gen = torch.Generator().manual_seed(12)
@@ -243,6 +243,60 @@ def test_torch_strategies(monkeypatch, strategy, spread, uniform):
         )
         for m, (y, e) in enumerate(zip(ys, expected)):
             assert_close(y, e, torch.float32, name=f"{strategy} {spread} seq {seq} member {m}")
+
+
+# Rows of the base (-1) and of six adapters, unsorted; the NaN-isolation tests fill one adapter with NaN.
+NAN_ROW_IDS = [-1, 2, 2, 0, -1, 0, 5, 2, -1, 1, 0, 3]
+
+
+def _nan_fill(bank: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    bank = bank.clone()
+    bank[start : start + rows] = float("nan")
+    return bank
+
+
+def _lora_nan_isolated(ranks, bad, seq, sort, backend):
+    """multi_lora_linear_grouped with adapter `bad` NaN-filled: every row of another adapter (or of the
+    base) is bit-identical to the clean call, and the rows of `bad` are NaN."""
+    gen = torch.Generator().manual_seed(21)
+    rows, d_in, d_outs = len(NAN_ROW_IDS), 24, [18, 21]
+    weights, biases, bank_a, bank_bs, scales = make_bank(d_in, d_outs, ranks, torch.float32, gen)
+    a_off, a_rows, _, b_off = ml.host_meta(tuple(r for member in ranks for r in member), len(ranks))
+    dirty_a = _nan_fill(bank_a, a_off[bad], a_rows[bad])
+    dirty_bs = [_nan_fill(b, b_off[m][bad], ranks[m][bad]) for m, b in enumerate(bank_bs)]
+    row_ids = torch.tensor(NAN_ROW_IDS)
+    row_ids = row_ids.sort().values if sort else row_ids
+    ids = row_ids[:, None].expand(rows, seq).to(DEVICE)
+    x = torch.randn(rows, seq, d_in, generator=gen).to(DEVICE)
+    with ops.use_backend(backend):
+        clean = ops.multi_lora_linear_grouped(x, weights, biases, bank_a, bank_bs, ranks, scales, ids)
+        dirty = ops.multi_lora_linear_grouped(x, weights, biases, dirty_a, dirty_bs, ranks, scales, ids)
+    mine = (row_ids == bad).to(DEVICE)
+    for m, (c, d) in enumerate(zip(clean, dirty)):
+        assert not c.isnan().any()
+        assert d[mine].isnan().all() or not ranks[m][bad], f"member {m}: adapter {bad}'s rows not NaN"
+        assert torch.equal(d[~mine], c[~mine]), f"member {m}: a row of another adapter changed"
+
+
+@pytest.mark.parametrize("strategy", ["segments", "batched", "rows"])
+@pytest.mark.parametrize("uniform", [False, True], ids=["mixed-ranks", "one-rank"])
+@pytest.mark.parametrize("bad", [0, 1, 2])
+def test_torch_strategies_nan_adapter_changes_no_other_row(monkeypatch, strategy, uniform, bad):
+    """Each torch strategy, forced: a NaN-filled adapter changes no other row. Other rows were multiplied
+    by 0 (base rows riding in a bucket's batch; padded decode slots pointing at token 0), and NaN x 0 is
+    NaN; they are zero-filled now."""
+    monkeypatch.setattr(torch_ml, "BATCHED_BELOW", 10**9 if strategy == "batched" else 0)
+    monkeypatch.setattr(torch_ml, "ROWS_FROM_ADAPTERS", 1 if strategy == "rows" else 10**9)
+    ranks = [[4] * 6, [4] * 6] if uniform else [[4, 8, 4, 0, 8, 1], [4, 8, 4, 2, 0, 1]]
+    for seq, sort in ((1, False), (3, True), (16, True), (16, False)):
+        _lora_nan_isolated(ranks, bad, seq, sort, "torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_adapter_changes_no_other_row(backend):
+    ranks = [[4, 8, 4, 0, 8, 1], [4, 8, 4, 2, 0, 1]]
+    for seq, sort in ((1, False), (5, True)):
+        _lora_nan_isolated(ranks, 0, seq, sort, backend)
 
 
 @pytest.mark.parametrize("spread", ["uniform", "identical"])
@@ -357,6 +411,37 @@ def test_bottleneck_spreads_and_decode(backend, spread):
             assert_close(out, expected, torch.float32, name=f"{spread} seq {seq}")
 
 
+@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("strategy", ["default", "batched", "rows"])
+def test_bottleneck_nan_adapter_changes_no_other_row(monkeypatch, backend, strategy):
+    """multi_bottleneck_adapter with one adapter's D and U NaN-filled: other rows bit-identical."""
+    if strategy != "default":
+        if backend != "torch":
+            pytest.skip("strategies are the torch backend's")
+        monkeypatch.setattr(torch_ml, "BATCHED_BELOW", 10**9 if strategy == "batched" else 0)
+        monkeypatch.setattr(torch_ml, "ROWS_FROM_ADAPTERS", 1 if strategy == "rows" else 10**9)
+    gen = torch.Generator().manual_seed(22)
+    d = 20
+    down, up, scales = make_bottleneck_bank(d, d, torch.float32, gen)
+    row_ids = torch.tensor(NAN_ROW_IDS)
+    seqs = (1, 12) if backend != "triton" else (1, 4)
+    for bad, seq in [(bad, seq) for bad in (0, 1) for seq in seqs]:
+        sorted_ids = row_ids.sort().values
+        ids = sorted_ids[:, None].expand(len(row_ids), seq).to(DEVICE)
+        h = torch.randn(len(row_ids), seq, d, generator=gen).to(DEVICE)
+        start = sum(BN_SIZES[:bad])
+        with ops.use_backend(backend):
+            clean = ops.multi_bottleneck_adapter(h, down, up, BN_SIZES, scales, BN_ACTS, ids)
+            dirty = ops.multi_bottleneck_adapter(
+                h, _nan_fill(down, start, BN_SIZES[bad]), _nan_fill(up, start, BN_SIZES[bad]), BN_SIZES,
+                scales, BN_ACTS, ids,
+            )  # fmt: skip
+        mine = (sorted_ids == bad).to(DEVICE)
+        assert not clean.isnan().any()
+        assert dirty[mine].isnan().all()
+        assert torch.equal(dirty[~mine], clean[~mine]), f"adapter {bad} NaN, seq {seq}: another row changed"
+
+
 def test_bottleneck_bad_input():
     gen = torch.Generator().manual_seed(15)
     down, up, scales = make_bottleneck_bank(6, 6, torch.float32, gen)
@@ -367,6 +452,12 @@ def test_bottleneck_bad_input():
         ops.multi_bottleneck_adapter(h, down, up, BN_SIZES, scales, ["tanh"] * 5 + ["swish"], ids)
     with pytest.raises(ValueError, match="one name per adapter"):
         ops.multi_bottleneck_adapter(h, down, up, BN_SIZES, scales, BN_ACTS[:2], ids)
+    for acts in (None, "tanh", 3):
+        with pytest.raises(TypeError, match=r"^activations must be a list of 6 activation names .*, got "):
+            ops.multi_bottleneck_adapter(h, down, up, BN_SIZES, scales, acts, ids)
+    empty = torch.randn(2, 0, device=DEVICE)
+    with pytest.raises(ValueError, match=r"^h must have a last dimension \(d_in\) >= 1"):
+        ops.multi_bottleneck_adapter(empty, down[:, :0], up[:, :0], BN_SIZES, scales, BN_ACTS, ids)
     with pytest.raises(ValueError, match="bank_down must have shape"):
         ops.multi_bottleneck_adapter(h, down[1:], up, BN_SIZES, scales, BN_ACTS, ids)
     with pytest.raises(ValueError, match="series form"):
@@ -410,6 +501,7 @@ BAD = {
     "weight d_in": (dict(weight=torch.randn(4, 5)), ValueError, "weight must have shape"),
     "bias shape": (dict(bias=torch.randn(5)), ValueError, "bias must have shape"),
     "x int": (dict(x=torch.ones(3, 6, dtype=torch.long)), TypeError, "x must be float32"),
+    "x d_in 0": (dict(x=torch.randn(3, 0)), ValueError, r"x must have a last dimension \(d_in\) >= 1"),
 }
 
 

@@ -138,6 +138,45 @@ def test_row_that_sees_nothing_is_zero(backend):
     assert torch.count_nonzero(out[0]) == 0
 
 
+@pytest.mark.parametrize("backend", ("torch", "triton"))
+@pytest.mark.parametrize("per_row", (False, True), ids=("shared", "per-row"))
+@pytest.mark.parametrize("padded", (False, True), ids=("dense", "padded"))
+def test_nan_in_q_gives_nan_like_the_reference(backend, per_row, padded):
+    """A NaN in one query row makes that row's output NaN, as in the reference, and nothing else (the CPU
+    flash kernel of the shared-prefix path reported such a row as 0)."""
+    tensors, _ = make_inputs(B=2, Hq=2, Hkv=1, S=5, P=3, A=2 if per_row else None)
+    q, k, v, pk, pv = (t.detach() for t in tensors)
+    q = q.clone()
+    q[0, 1, 2, 3] = float("nan")
+    kw = dict(
+        adapter_ids=torch.tensor([1, -1], device=DEVICE) if per_row else None,
+        attention_mask=key_padding(2, 5) if padded else None,
+    )
+    with use_backend(backend):
+        out = prefix_attention(q, k, v, pk, pv, **kw)
+    ref = reference.prefix_attention(q, k, v, pk, pv, **kw)
+    assert ref[0, 1, 2].isnan().all() and ref.isnan().sum() == ref.shape[-1]
+    assert torch.equal(out.isnan(), ref.isnan())
+    finite = ~ref.isnan()
+    assert_close(out[finite], ref[finite], torch.float32)
+
+
+@pytest.mark.parametrize("backend", ("torch", "triton"))
+def test_nan_prefix_changes_no_other_row(backend):
+    """One adapter's prefix NaN-filled: the rows of other prefixes, and of none (which the torch backend
+    gathers prefix 0 for, then zero-fills), are bit-identical to the clean call."""
+    tensors, _ = make_inputs(B=4, Hq=2, Hkv=1, S=4, A=2, P=3)
+    q, k, v, pk, pv = (t.detach() for t in tensors)
+    ids = torch.tensor([0, -1, 1, -1], device=DEVICE)
+    bad_k, bad_v = pk.clone(), pv.clone()
+    bad_k[0] = bad_v[0] = float("nan")
+    with use_backend(backend):
+        clean = prefix_attention(q, k, v, pk, pv, adapter_ids=ids)
+        dirty = prefix_attention(q, k, v, bad_k, bad_v, adapter_ids=ids)
+    assert dirty[0].isnan().all()
+    assert torch.equal(dirty[1:], clean[1:])
+
+
 @pytest.mark.parametrize("kind", ("bool-b1", "bool-1h", "additive-bh", "additive-finfo-min"), ids=lambda k: k)
 @pytest.mark.parametrize("backend", ("torch", "triton"))
 def test_4d_masks(kind, backend):

@@ -103,3 +103,9 @@ def check_residual(residual, h: Tensor, d_out: int, up_name: str, up: Tensor, se
     check_tensor("residual", residual, min_ndim=1)
     check_like("residual", residual, "h", h)
     check_shape("residual", residual, (*h.shape[:-1], d_out), "h's leading dims, d_out")
+
+
+def check_features(name: str, t: Tensor, meaning: str = "d_in") -> None:
+    """t's last dimension (its features) must be >= 1: an empty one has no defined product."""
+    if t.shape[-1] < 1:
+        raise ValueError(f"{name} must have a last dimension ({meaning}) >= 1, got {describe(t)}")

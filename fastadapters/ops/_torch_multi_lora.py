@@ -153,8 +153,9 @@ class TorchMultiLora:
     def _rows_batched(x, ys, bank_a, bank_bs, ranks, scales, acts, adapter_ids, row_len, meta):
         """Rows of one adapter each (prefill): x viewed as [rows, L, d_in], each row's A and B gathered
         ([rows, r, d], far smaller than x when L >= r), one bmm shrinks and one baddbmm per member adds in
-        place: tokens are neither gathered nor scattered. Rows of other rank signatures (or none) get a
-        zero scale in a bucket's batch when that bucket covers the batch, else are gathered as rows."""
+        place: tokens are neither gathered nor scattered. When one bucket covers the batch, rows of no
+        adapter here ride along in its batch with their shrink and B zero-filled (never multiplied by zero:
+        a NaN in the adapter they borrow must not reach them); otherwise each bucket gathers its rows."""
         a_off, a_rows, t_col, b_off = meta
         k, n = len(ys), len(ranks) // len(ys)
         count = x.shape[0] // row_len
@@ -170,10 +171,12 @@ class TorchMultiLora:
             whole = len(buckets) == 1
             first, in_bucket = row_ad[rows[0]], set(rows)
             # With one bucket the whole batch goes through it (no gather): other rows (base, or adapters
-            # without LoRA here) borrow the bucket's first adapter and get scale 0.
+            # without LoRA here) borrow the bucket's first adapter's index and get zeros filled in.
             members = range(count) if whole else rows
             ad = [row_ad[i] if i in in_bucket else first for i in members]
-            keep = [1.0 if i in in_bucket else 0.0 for i in members]
+            others = None
+            if len(in_bucket) < len(members):
+                others = torch.tensor([i not in in_bucket for i in members], device=dev)[:, None, None]
             xg = x3 if whole else x3[torch.tensor(rows, device=dev)]
             t = torch.bmm(xg, bank_a[_row_index([a_off[a] for a in ad], a_rows[first], dev)].mT)
             if act is not None:
@@ -182,9 +185,12 @@ class TorchMultiLora:
                 if not r:
                     continue
                 c = t_col[m][first]
-                row_scales = [w * scales[m * n + a] for w, a in zip(keep, ad)]
+                row_scales = [scales[m * n + a] for a in ad]
                 t_m = t[:, :, c : c + r] * torch.tensor(row_scales, device=dev, dtype=x.dtype)[:, None, None]
                 lora_b = bank_bs[m][_row_index([b_off[m][a] for a in ad], r, dev)]
+                if others is not None:  # both fresh tensors: 0 @ 0 adds exactly nothing to those rows
+                    t_m.masked_fill_(others, 0)
+                    lora_b.masked_fill_(others, 0)
                 y3 = ys[m].view(count, row_len, ys[m].shape[1])
                 if whole:
                     y3.baddbmm_(t_m, lora_b)
@@ -220,10 +226,13 @@ class TorchMultiLora:
                 scale = torch.tensor([scales[m * n + a] for a in adapters], device=x.device, dtype=x.dtype)
                 t_m = t[:, :, c : c + r]
                 t_m = (t_m if act is None else TORCH_FNS[act](t_m)) * scale[:, None, None]
-                if padded:
-                    t_m.mul_(valid[..., None])  # padded rows point at token 0: make them add nothing
                 lora_b = TorchMultiLora._rows(bank_bs[m], [b_off[m][a] for a in adapters], r)
-                ys[m].index_add_(0, tok, torch.bmm(t_m, lora_b).view(-1, ys[m].shape[1]))
+                delta = torch.bmm(t_m, lora_b).view(-1, ys[m].shape[1])
+                if padded:
+                    # Padded rows point at token 0 (maybe another adapter's): their products are zero-filled,
+                    # not multiplied by 0 (NaN weights or a NaN token would survive that).
+                    delta.masked_fill_(~valid.view(-1, 1), 0)
+                ys[m].index_add_(0, tok, delta)
 
 
 def _row_index(offsets: list, rows: int, device) -> Tensor:

@@ -354,6 +354,7 @@ def lora_linear(
     lora_a: [r, d_in]; lora_b: [d_out, r]. All share x's dtype (fp32, fp16, bf16) and device.
     """
     C.check_tensor("x", x, min_ndim=1)
+    C.check_features("x", x)
     scale = _check_member(0, x, weight, bias, lora_a, lora_b, scale, grouped=False)
     p, seed = C.dropout_and_seed(dropout_p, training)
     return LORA_LINEAR(x, [weight], _biases([bias], x), [lora_a], [lora_b], [scale], p, seed)[0][0]
@@ -375,6 +376,7 @@ def lora_linear_grouped(
     lora_bs[i]: [d_out_i, r_i]. One dropout mask is shared by the members (they share x).
     """
     C.check_tensor("x", x, min_ndim=1)
+    C.check_features("x", x)
     k = len(weights)
     if k == 0 or not all(len(v) == k for v in (biases, lora_as, lora_bs, scales)):
         raise ValueError(

@@ -100,10 +100,16 @@ def multi_bottleneck_adapter(
     in multi_lora_linear (a tensor of h.shape[:-1] or an AdapterSchedule). Inference only (no backward).
     """
     C.check_tensor("h", h, min_ndim=1)
+    C.check_features("h", h)
     sizes = C.int_list("sizes", sizes)
     n = len(sizes)
     scales = C.float_list("scales", scales, n)
-    if isinstance(activations, str) or len(activations) != n:
+    if isinstance(activations, (str, bytes)) or not isinstance(activations, (list, tuple)):
+        raise TypeError(
+            f"activations must be a list of {n} activation names (one per adapter, in {ACTIVATIONS}), "
+            f"got {type(activations).__name__}"
+        )
+    if len(activations) != n:
         raise ValueError(f"activations must hold one name per adapter ({n}), got {activations!r}")
     bad = [a for a in activations if a not in ACTIVATIONS]
     if bad:

@@ -102,6 +102,7 @@ def _check_weight(sfx: str, x: Tensor, weight, bias) -> int:
 
 def _run(x, weights, biases, bank_a, bank_bs, ranks, scales, adapter_ids, grouped: bool) -> list[Tensor]:
     C.check_tensor("x", x, min_ndim=1)
+    C.check_features("x", x)
     k = len(weights)
     sfx = (lambda m: f"[{m}]") if grouped else (lambda m: "")
     d_outs = [_check_weight(sfx(m), x, w, b) for m, (w, b) in enumerate(zip(weights, biases))]

@@ -93,8 +93,11 @@ class _PrefixSide:
         if adapter_ids is None:
             pk, pv = prefix_k[0], prefix_v[0]  # [Hkv, P, D]
         else:
-            rows = adapter_ids.clamp(min=0)
-            pk, pv = prefix_k[rows].reshape(B * Hkv, P, D), prefix_v[rows].reshape(B * Hkv, P, D)
+            # Rows without a prefix gather prefix 0 (a copy) and get it zero-filled: a NaN there must not
+            # reach them through 0-probability products (their scores are masked to -inf besides).
+            rows, absent = adapter_ids.clamp(min=0), (adapter_ids < 0).view(B, 1, 1, 1)
+            pk = prefix_k[rows].masked_fill_(absent, 0).reshape(B * Hkv, P, D)
+            pv = prefix_v[rows].masked_fill_(absent, 0).reshape(B * Hkv, P, D)
         self.pk = pk.repeat_interleave(self.G, 0) if self.G > 1 else pk  # [X, P, D]
         self.pv = pv.repeat_interleave(self.G, 0) if self.G > 1 else pv
 
@@ -197,6 +200,9 @@ class TorchPrefixAttention:
             lse_p = lse_p[0].transpose(0, 1).reshape(B, S, Hq).transpose(1, 2)
             lse = torch.logaddexp(lse_s, lse_p)
             lse = torch.where(torch.isneginf(lse), float("inf"), lse)
+            # The CPU kernel gives a NaN query row output 0 and lse 0; the reference (and the other paths)
+            # give NaN. One sum over q (O(S·D), against the kernels' O(S·(S_kv + P)·D)) finds those rows.
+            lse = lse.masked_fill(q.sum(-1, dtype=torch.float32).isnan(), float("nan"))
             out = f32(out_s) * torch.exp(lse_s - lse).unsqueeze(-1)
             out.addcmul_(f32(_unflat(out_p, B, S)), torch.exp(lse_p - lse).unsqueeze(-1))
             return out.to(q.dtype), lse
