@@ -4,8 +4,9 @@ One call = out = h + s · up(f(down(h))) (the series form, tanh, scale 1.0) and 
 gradients for h, down and up. Shape (issue 3): N=2048 tokens, d=1024, bottleneck 256; fp32 on the CPU,
 bf16 on a GPU (plus a 4096-wide layer there).
 Providers: "eager" (nn.Linear down, nn.Tanh, nn.Linear up, scale, add: how AdapterHub's `adapters`
-computes it), "reference" (fastadapters.reference.bottleneck_adapter) and "fastadapters-<backend>" for
-every backend of the op that runs here.
+computes it), "reference" (fastadapters.reference.bottleneck_adapter), "fastadapters-<backend>" for
+every backend of the op that runs here, and "gemms": the floor, the six GEMMs of forward+backward alone
+(h Dᵀ, t Uᵀ, g U, gᵀ t, dt D, dtᵀ h) on preallocated tensors, with no activation, residual or autograd.
 extra_info: saved_bytes (saved for backward, the weights excluded, h included: the adapter is what keeps
 it alive in a model), tokens, flops (the 6 GEMMs of forward+backward), bottleneck.
 """
@@ -22,7 +23,7 @@ ACTIVATION = "tanh"
 SCALE = 1.0
 SHAPES = pick([(2048, 1024, 256)], [(64, 32, 8)], gpu=[(2048, 1024, 256), (8192, 4096, 256)])
 DTYPE = torch.bfloat16 if on_gpu() else torch.float32
-PROVIDERS = ["eager", "reference", *fastadapters_providers(BACKENDS, dtype=DTYPE, bottleneck=256)]
+PROVIDERS = ["gemms", "eager", "reference", *fastadapters_providers(BACKENDS, dtype=DTYPE, bottleneck=256)]
 
 
 class EagerAdapter(nn.Module):
@@ -52,6 +53,8 @@ def make_call(provider: str, s):
     down, up = eager.down.weight, eager.up.weight
     h = torch.randn(n, d, device=device(), dtype=DTYPE, requires_grad=True)
     g = torch.randn(n, d, device=device(), dtype=DTYPE)
+    if provider == "gemms":
+        return _gemms(h.detach(), down.detach(), up.detach(), g), None, []
     if provider == "eager":
         forward = lambda: eager(h)
     elif provider == "reference":
@@ -69,6 +72,24 @@ def make_call(provider: str, s):
     return call, forward, [down, up]
 
 
+def _gemms(h, down, up, g):
+    """The floor: forward+backward's six GEMMs, nothing else (torch.mm into preallocated outputs)."""
+    t, out = h.new_empty(h.shape[0], down.shape[0]), torch.empty_like(h)
+    dt, dh = torch.empty_like(t), torch.empty_like(h)
+    d_down, d_up = torch.empty_like(down), torch.empty_like(up)
+
+    def call():
+        torch.mm(h, down.T, out=t)
+        torch.mm(t, up.T, out=out)
+        torch.mm(g, up, out=dt)
+        torch.mm(g.T, t, out=d_up)
+        torch.mm(dt, down, out=dh)
+        torch.mm(dt.T, h, out=d_down)
+        return out
+
+    return call
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("s", SHAPES, ids=shape_name)
 def test_bottleneck_fwd_bwd(benchmark, s, provider):
@@ -76,7 +97,7 @@ def test_bottleneck_fwd_bwd(benchmark, s, provider):
     with forced(provider):
         call, forward, weights = make_call(provider, s)
         call()  # warm-up: autotuning and compilation stay out of the timed rounds
-        saved = saved_bytes(forward, exclude=weights)
+        saved = None if forward is None else saved_bytes(forward, exclude=weights)
         record(
             benchmark,
             op="bottleneck_adapter",

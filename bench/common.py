@@ -25,7 +25,7 @@ import os
 
 import torch
 
-BASELINES = ("peft", "eager", "frozen", "base", "reference")
+BASELINES = ("peft", "eager", "frozen", "base", "gemms", "reference")
 
 # FASTADAPTERS_BENCH_SMOKE=1 shrinks every shape so the bodies run once, untimed, as smoke tests
 # (`pytest bench --benchmark-disable`); every bench file picks its shapes through `pick`.

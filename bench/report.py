@@ -20,7 +20,10 @@ from bench.common import BASELINES
 # Within a group, the provider a speedup is measured against: PEFT where it has the op, else eager,
 # else the plain-PyTorch reference.
 PRIMARY = ("peft", "eager", "reference")
-ORDER = ("frozen", "base", "reference", "peft", "eager")
+ORDER = ("frozen", "base", "gemms", "reference", "peft", "eager")
+# A group's floor, the unavoidable work measured in the same run: the frozen layer or model (LoRA, the
+# training step, serving), or the GEMMs alone (the bottleneck adapter).
+FLOORS = ("frozen", "base", "gemms")
 CEILING_OP = "ceiling"
 
 
@@ -155,18 +158,18 @@ RANK_TOKEN = re.compile(r"(?:^|[\s,_])(?:r|rank)[=:]?\d+(?=$|[\s,_])")
 
 
 def r_values(ops: dict) -> list[tuple[str, str, str, int | None, float]]:
-    """[(op, shape, provider, rank, R = t(provider)/t(frozen))] for every group with a frozen layer."""
+    """[(op, shape, provider, rank, R = t(provider)/t(floor))] for every group with a floor (FLOORS)."""
     out = []
     for op, shapes in ops.items():
         for shape, group in shapes.items():
-            frozen = group.get("frozen") or group.get("base")
-            if frozen is None or frozen.median <= 0:
+            floor = next((group[f] for f in FLOORS if f in group), None)
+            if floor is None or floor.median <= 0:
                 continue
             for provider, r in group.items():
-                if provider in ("frozen", "base"):
+                if provider in FLOORS:
                     continue
                 rank = r.extra.get("rank")
-                out.append((op, shape, provider, rank, r.median / frozen.median))
+                out.append((op, shape, provider, rank, r.median / floor.median))
     return out
 
 
@@ -398,7 +401,8 @@ def render(results: dict, plots: dict[str, str | None]) -> str:
         "Times are medians over the timed rounds, with the interquartile range (q1 – q3). "
         "`t / t(X)` is this provider's time over provider X's time in the same shape and run "
         "(below 1 is faster). Speedup = t(baseline)/t(provider) (above 1 is faster), against PEFT, "
-        "or eager/reference where PEFT lacks the op. R = t(adapter layer)/t(frozen layer).",
+        "or eager/reference where PEFT lacks the op. R = t(provider)/t(floor), the floor being the frozen "
+        "layer or model, or the bottleneck's GEMMs alone, measured in the same run.",
         "",
     ]
     status = run_status(results)
@@ -430,7 +434,7 @@ def render(results: dict, plots: dict[str, str | None]) -> str:
     if rv:
         body = [[op, shape, p, "" if rank is None else str(rank), f"{r:.3f}"] for op, shape, p, rank, r in rv]
         out += [
-            "## R = t(adapter layer) / t(frozen layer)",
+            "## R = t(provider) / t(floor)",
             "",
             table(["op", "shape", "provider", "rank", "R"], body),
             "",
@@ -494,7 +498,7 @@ def readme_block(runs: list[tuple[str, dict]]) -> str:
         train = ops.get("train_step", {})
         body = []
         for shape, group in train.items():
-            base = group.get("peft")
+            base, frozen = group.get("peft"), group.get("frozen")
             for provider in sorted(group, key=provider_order):
                 r = group[provider]
                 tok = r.extra.get("tokens")
@@ -506,6 +510,7 @@ def readme_block(runs: list[tuple[str, dict]]) -> str:
                         fmt_time(r.median),
                         fmt_num(tok / r.median) if tok else "",
                         fmt_ratio(base.median / r.median) if base and provider != "peft" else "",
+                        fmt_ratio(r.median / frozen.median) if frozen and provider != "frozen" else "",
                         fmt_ratio(sb / base_sb) if sb is not None and base_sb and provider != "peft" else "",
                         fmt_num(r.extra.get("max_memory_allocated_mb")),
                     ]
@@ -517,6 +522,7 @@ def readme_block(runs: list[tuple[str, dict]]) -> str:
                 "time",
                 "tokens/s",
                 "speedup × peft",
+                "t / t(frozen)",
                 "saved bytes × peft",
                 "max alloc MiB (GPU)",
             ]
@@ -531,6 +537,13 @@ def readme_block(runs: list[tuple[str, dict]]) -> str:
             if peft_r:
                 line += f"; peft {min(peft_r):.2f}–{max(peft_r):.2f}"
             out += [f"LoRA layer overhead R = t(adapter layer)/t(frozen layer): {line}.", ""]
+        floors = [(p, r) for op, _, p, _, r in r_values(ops) if op == "bottleneck_adapter"]
+        if floors:
+            line = ", ".join(
+                f"{p} {min(r for q, r in floors if q == p):.2f}–{max(r for q, r in floors if q == p):.2f}"
+                for p in sorted({p for p, _ in floors}, key=provider_order)
+            )
+            out += [f"Bottleneck adapter fwd+bwd over its six GEMMs alone, t/t(GEMMs): {line}.", ""]
     return "\n".join(out).rstrip() + "\n"
 
 

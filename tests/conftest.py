@@ -78,3 +78,12 @@ def reference_mask(dropout_mask, backend: str, shape, dropout_p: float, seed: in
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is as fast, and avoids oversubscribing a busy CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

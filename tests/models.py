@@ -99,3 +99,13 @@ def trainer_loss_before_after(model, tmp_path, learning_rate: float) -> tuple[fl
     )
     Trainer(model=model, args=args, train_dataset=data).train()
     return before, loss_now()
+
+
+def pipeline_base(directory, items, hidden: int = 32) -> str:
+    """A tiny Llama base model folder (2 layers, 320-token vocabulary) whose tokenizer covers `items`'
+    prompts, for the train/evaluate pipeline tests; returns its path."""
+    from fastadapters.demo import save_base_model
+    from fastadapters.prompts import generate_prompt
+
+    texts = [generate_prompt(x["instruction"], x["input"], x["output"]) for x in items]
+    return save_base_model(str(directory), texts, hidden=hidden, layers=2, vocab_size=320)

@@ -78,7 +78,14 @@ def synthetic(scale: float = 1.0, gpu: str | None = None, date="2026-11-28T10:00
         )
     b.append(bench_record("bottleneck", "eager", "h4096 N256", 0.004 * scale, bytes=4e9 * 0.004))
     b.append(bench_record("bottleneck", "fastadapters-cpu", "h4096 N256", 0.002 * scale, bytes=4e9 * 0.004))
-    for provider, t, saved in (("peft", 0.40, 200 << 20), ("fastadapters", 0.25, 120 << 20)):
+    b.append(bench_record("bottleneck_adapter", "gemms", "N2048", 0.0016 * scale))  # the floor
+    b.append(bench_record("bottleneck_adapter", "eager", "N2048", 0.004 * scale))
+    b.append(bench_record("bottleneck_adapter", "fastadapters-cpu", "N2048", 0.002 * scale))
+    for provider, t, saved in (
+        ("peft", 0.40, 200 << 20),
+        ("fastadapters", 0.25, 120 << 20),
+        ("frozen", 0.2, 0),
+    ):
         b.append(bench_record("train_step", provider, "h512 L4 B4 T256 r16", t * scale, tokens=1024,
                               saved_bytes=saved, peak_rss_mb=1400.0))  # fmt: skip
     b.append(bench_record("ceiling", "copy", "256MiB", 0.1, bytes=1e10 * 0.1))
@@ -109,6 +116,9 @@ def test_report_ratios_r_and_plots(tmp_path):
     assert "| lora | d1024 N2048 r32 | peft | 32 | 1.250 |" in md
     assert "| lora | fastadapters-torch | peft | 1.19× | 1.19× – 1.19× | 2 |" in md  # 12.5 / 10.5
     assert "| bottleneck | fastadapters-cpu | eager | 2.00× |" in md
+    # the bottleneck's floor (its GEMMs alone) is no provider of the summary; R against it: 2 / 1.6
+    assert "| bottleneck_adapter | N2048 | fastadapters-cpu |  | 1.250 |" in md
+    assert "| bottleneck_adapter | gemms |" not in md
     # saved bytes 12 MiB vs peft's 24: 0.5; train step tokens/s = 1024 / 0.25
     assert "| 12 | 0.500 |" in md and "4,096" in md
     # achieved GB/s against the copy ceiling measured in the run: 4 GB/s of 10 = 40%, 8 GB/s = 80%
@@ -165,8 +175,9 @@ def test_update_readme_uses_latest_full_runs(tmp_path):
     text = open(readme).read()
     assert "old figures" not in text and text.endswith(f"{report.README_END}\n\nafter\n")
     assert (
-        "2-core CPU" in text and "GPU NVIDIA H200" in text and "| 1.600 | 0.600 |" in text
-    )  # train: 0.4 / 0.25, 120 / 200 MiB
+        "2-core CPU" in text and "GPU NVIDIA H200" in text and "| 1.600 | 1.250 | 0.600 |" in text
+    )  # train: 0.4 / 0.25, 0.25 / 0.2 (the frozen model), 120 / 200 MiB
+    assert "t/t(GEMMs): eager 2.50–2.50, fastadapters-cpu 1.25–1.25" in text
     assert "LoRA layer overhead R" in text and "fastadapters-torch 1.05–1.05; peft 1.25–1.25" in text
 
 

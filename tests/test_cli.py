@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import pipeline_base
 
 import fastadapters
 from fastadapters import cli, evaluate
-from fastadapters.demo import arithmetic_dataset, build_model, save_base_model
-from fastadapters.prompts import generate_prompt
+from fastadapters.demo import arithmetic_dataset, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "datasets" / "llm-adapters"
@@ -27,18 +27,9 @@ TRAIN_FLAGS = [
 ]  # fmt: skip
 
 
-def _base(directory: Path, items, hidden: int = 32) -> str:
-    texts = [generate_prompt(x["instruction"], x["input"], x["output"]) for x in items]
-    return save_base_model(str(directory), texts, hidden=hidden, layers=2, vocab_size=320)
-
-
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is as fast, and avoids oversubscribing a busy CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test of this module on one thread (conftest's one_thread)."""
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +39,7 @@ def synthetic(tmp_path_factory):
     items = arithmetic_dataset(16, seed=3)
     data = root / "data.json"
     data.write_text(json.dumps(items))
-    return {"root": root, "base": _base(root / "base", items), "data": str(data)}
+    return {"root": root, "base": pipeline_base(root / "base", items), "data": str(data)}
 
 
 def _run_cli(argv, capsys):
@@ -62,7 +53,7 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     items = json.loads((SHARED_DATA / "train" / "math_data.json").read_text())[:32]
     data = tmp_path / "math32.json"
     data.write_text(json.dumps(items))
-    base = _base(tmp_path / "base", items, hidden=48)
+    base = pipeline_base(tmp_path / "base", items, hidden=48)
     out = tmp_path / "adapter"
     code, stdout, err = _run_cli(
         ["train", "--base-model", base, "--data-path", str(data), "--output-dir", str(out),

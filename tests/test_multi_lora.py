@@ -186,6 +186,19 @@ def test_schedule_reused_and_empty(backend):
     torch.testing.assert_close(y, torch.addmm(b, x, w.T))
 
 
+def test_schedule_backend_follows_forced_backend():
+    """A schedule chooses each op's backend once, but a forced backend set later still applies."""
+    sched = ops.adapter_schedule(torch.tensor([0, 1]), 2)
+    default = ops.backend_for("multi_lora_linear")
+    with ops.use_backend("torch"):
+        assert sched.backend("multi_lora_linear", torch.float32).name == "torch"
+    with ops.use_backend(None):
+        assert sched.backend("multi_lora_linear", torch.float32).name == default
+        assert sched.backend("multi_bottleneck_adapter", torch.float32).name == ops.backend_for(
+            "multi_bottleneck_adapter"
+        )
+
+
 def test_schedule_contents():
     sched = ops.adapter_schedule(torch.tensor([[2, -1, 0], [2, 0, -1]]), 4)
     assert sched.num_tokens == 6 and sched.num_adapters == 4

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import pipeline_base
 from safetensors.torch import load_file
 
 from fastadapters import cli, evaluate, train
-from fastadapters.demo import arithmetic_dataset, save_base_model
-from fastadapters.prompts import generate_prompt
+from fastadapters.demo import arithmetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = {"AddSub": 8, "gsm8k": 6}  # items per set; batches of 2, so a set is several batches
@@ -53,11 +53,8 @@ ADAPTERS = {
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test of this module on one thread (conftest's one_thread)."""
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +63,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     items = arithmetic_dataset(16, seed=3)
     (root / "train.json").write_text(json.dumps(items))
-    texts = [generate_prompt(x["instruction"], x["input"], x["output"]) for x in items]
-    base = save_base_model(str(root / "base"), texts, hidden=32, layers=2, vocab_size=320)
+    base = pipeline_base(root / "base", items)
     for seed, (name, n) in enumerate(SETS.items()):
         (root / "data" / name).mkdir(parents=True)
         (root / "data" / name / "test.json").write_text(json.dumps(arithmetic_dataset(n, seed=10 + seed)))

@@ -50,9 +50,16 @@ class Backend:
     reasons: Callable[..., list[str]]
 
     def module(self):
-        if isinstance(self.impl, str):
-            return importlib.import_module(self.impl)
-        return self.impl
+        impl = self.impl
+        if isinstance(impl, str):
+            module = _MODULES.get(impl)
+            if module is None:
+                module = _MODULES[impl] = importlib.import_module(impl)
+            return module
+        return impl
+
+
+_MODULES: dict[str, object] = {}  # Backend.module's imports, so a call does not go through importlib
 
 
 def register(op: str, backends: dict[str, Backend]) -> dict[str, Backend]:

@@ -10,13 +10,15 @@ Backends (those of multi_lora_linear that have it) implement, on h [N, d_in]:
                        tiles, residual) -> out   (activations: codes into ACTIVATIONS; residual or None)
 """
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from fastadapters.ops import _checks as C
 from fastadapters.ops._activations import ACTIVATIONS
 from fastadapters.ops._autograd import Op
-from fastadapters.ops._dispatch import Backend, no_reasons, register, select, triton_reasons
+from fastadapters.ops._dispatch import Backend, no_reasons, register, triton_reasons
 from fastadapters.ops._torch_multi_lora import TorchMultiLora
 from fastadapters.ops.schedule import check_schedule, host_meta, prepared
 
@@ -40,13 +42,12 @@ def _forward(
     order: Tensor,
     starts: Tensor,
     tiles: Tensor,
-    residual: Tensor,
-    has_residual: bool,
+    residual: Optional[Tensor],  # noqa: UP045 (torch.library reads the annotation)
     backend: str,
 ) -> Tensor:
     """Backend `backend` (the one `tiles` was prepared for) on h flattened to 2-D."""
     h2 = h.reshape(-1, h.shape[-1])
-    res = residual.reshape(h2.shape[0], -1) if has_residual else None
+    res = None if residual is None else residual.reshape(h2.shape[0], -1)
     out = IMPLEMENTATIONS[backend].module().bottleneck_forward(
         h2, bank_down, bank_up, sizes, scales, host_meta(tuple(sizes), 1), activations, adapter_ids, order,
         starts, tiles, res,
@@ -54,9 +55,7 @@ def _forward(
     return out.reshape(*h.shape[:-1], out.shape[-1])
 
 
-def _fake(
-    h, bank_down, bank_up, sizes, scales, acts, adapter_ids, order, starts, tiles, res, has_res, backend
-):
+def _fake(h, bank_down, bank_up, sizes, scales, acts, adapter_ids, order, starts, tiles, res, backend):
     return h.new_empty(*h.shape[:-1], bank_up.shape[1])
 
 
@@ -72,12 +71,11 @@ _multi_bottleneck_op = MULTI_BOTTLENECK_ADAPTER.custom
 
 def run_bottleneck_unchecked(h, bank_down, bank_up, sizes, scales, activations, schedule, residual=None):
     """multi_bottleneck_adapter without the input checks (AdapterBank); activations as codes."""
-    backend = select("multi_bottleneck_adapter", h.device, dtype=h.dtype)
+    backend = schedule.backend("multi_bottleneck_adapter", h.dtype)
     tiles = prepared(schedule, backend)
     return MULTI_BOTTLENECK_ADAPTER(
         h, bank_down, bank_up, sizes, scales, activations, schedule.adapter_ids, schedule.order,
-        schedule.starts, tiles, h.new_empty(0) if residual is None else residual, residual is not None,
-        backend.name,
+        schedule.starts, tiles, residual, backend.name,
     )  # fmt: skip
 
 

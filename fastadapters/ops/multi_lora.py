@@ -19,12 +19,14 @@ bank's offsets; order [N] int64 token indices sorted by adapter (empty: the ids 
 identity); starts [n + 1] int64: adapter a's tokens are order[starts[a] : starts[a + 1]].
 """
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from fastadapters.ops import _checks as C
 from fastadapters.ops._autograd import Op
-from fastadapters.ops._dispatch import Backend, extension, no_reasons, register, select, triton_reasons
+from fastadapters.ops._dispatch import Backend, extension, no_reasons, register, triton_reasons
 from fastadapters.ops._torch_multi_lora import TorchMultiLora
 from fastadapters.ops.multi_bottleneck import IMPLEMENTATIONS as BOTTLENECK_BACKENDS  # noqa: F401
 from fastadapters.ops.multi_bottleneck import multi_bottleneck_adapter, run_bottleneck_unchecked  # noqa: F401
@@ -51,7 +53,7 @@ BACKENDS = IMPLEMENTATIONS  # the name this table had before (ops.BACKENDS is th
 def _forward(
     x: Tensor,
     weights: list[Tensor],
-    biases: list[Tensor],
+    biases: list[Optional[Tensor]],  # noqa: UP045 (torch.library reads the annotation)
     bank_a: Tensor,
     bank_bs: list[Tensor],
     ranks: list[int],
@@ -62,8 +64,7 @@ def _forward(
     tiles: Tensor,
     backend: str,
 ) -> list[Tensor]:
-    """Backend `backend` (the one `tiles` was prepared for) on x flattened to 2-D; biases: empty = none."""
-    biases = [None if b.numel() == 0 else b for b in biases]
+    """Backend `backend` (the one `tiles` was prepared for) on x flattened to 2-D."""
     layout = host_meta(tuple(ranks), len(weights))
     ys = IMPLEMENTATIONS[backend].module().forward(
         x.reshape(-1, x.shape[-1]), weights, biases, bank_a, bank_bs, ranks, scales, layout,
@@ -147,11 +148,10 @@ def run_unchecked(x, weights, biases, bank_a, bank_bs, ranks: list, scales: list
 
     ranks/scales flattened member-major (ranks[m * n + a]); biases entries may be None.
     """
-    backend = select("multi_lora_linear", x.device, dtype=x.dtype)
+    backend = schedule.backend("multi_lora_linear", x.dtype)
     tiles = prepared(schedule, backend)
-    biases = [x.new_empty(0) if b is None else b for b in biases]
     return MULTI_LORA_LINEAR(
-        x, list(weights), biases, bank_a, list(bank_bs), ranks, scales,
+        x, list(weights), list(biases), bank_a, list(bank_bs), ranks, scales,
         schedule.adapter_ids, schedule.order, schedule.starts, tiles, backend.name,
     )  # fmt: skip
 

@@ -18,6 +18,7 @@ segments are contiguous token ranges and the torch backend works on views with n
 """
 
 import functools
+import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from fastadapters.ops import _checks as C
-from fastadapters.ops._dispatch import IMPLEMENTATIONS, Backend, select
+from fastadapters.ops._dispatch import ENV_VAR, IMPLEMENTATIONS, Backend, select
 
 INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 # The ops whose backends prepare data from a schedule (registered by multi_lora.py, multi_bottleneck.py).
@@ -49,6 +50,17 @@ class AdapterSchedule:
     row_len: int = 0
     # Backend data derived from the schedule (e.g. Triton's tile table), filled on first use.
     prepared: dict = field(default_factory=dict, compare=False, repr=False)
+    # The backend chosen per (op, dtype, FASTADAPTERS_BACKEND), so a batch's layers dispatch once.
+    backends: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def backend(self, op: str, dtype: torch.dtype) -> Backend:
+        """The backend `select` picks for `op` on this schedule's device and `dtype`, chosen once per
+        schedule (every layer of a batch shares it; FASTADAPTERS_BACKEND is part of the key)."""
+        key = (op, dtype, os.environ.get(ENV_VAR))
+        backend = self.backends.get(key)
+        if backend is None:
+            backend = self.backends[key] = select(op, self.device, dtype=dtype)
+        return backend
 
     @property
     def num_tokens(self) -> int:
