@@ -137,7 +137,8 @@ class Engine:
     """Continuous batching over an AdapterBank's model (see the module docstring).
 
     bank: an AdapterBank (or a HF causal LM, wrapped in a new one); max_batch_tokens: tokens per step
-    (decode tokens plus prefill chunks); max_seqs: sequences running at once; max_active_adapters: distinct
+    (decode tokens plus prefill chunks); max_seqs: sequences running at once (default: 32, at most
+    max_batch_tokens); max_active_adapters: distinct
     adapters among them (None: no limit); kv_budget_bytes or num_blocks: the KV cache's size; block_size:
     positions per block; eos_token_id: ends a request (default: the model's generation config).
     """
@@ -147,7 +148,7 @@ class Engine:
         bank,
         *,
         max_batch_tokens: int = 256,
-        max_seqs: int = 32,
+        max_seqs: int | None = None,
         max_active_adapters: int | None = None,
         kv_budget_bytes: int | None = None,
         num_blocks: int | None = None,
@@ -160,6 +161,7 @@ class Engine:
         model = bank.model
         self.model = model
         self.max_batch_tokens = _positive_int("max_batch_tokens", max_batch_tokens)
+        max_seqs = min(32, max_batch_tokens) if max_seqs is None else max_seqs
         self.max_seqs = _positive_int("max_seqs", max_seqs)
         if max_seqs > max_batch_tokens:
             raise ValueError(f"max_seqs ({max_seqs}) must be <= max_batch_tokens ({max_batch_tokens})")
