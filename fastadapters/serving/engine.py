@@ -27,6 +27,7 @@ a Triton kernel for the paged attention.
 
 import itertools
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -206,7 +207,8 @@ class Engine:
         self._running: list[_Sequence] = []
         self._aborted: set[int] = set()
         self._ids = itertools.count()
-        self.stats = {"steps": 0, "preemptions": 0, "tokens": 0}
+        # steps run, preemptions, tokens run, seconds in step() and in its scheduling and packing
+        self.stats = {"steps": 0, "preemptions": 0, "tokens": 0, "step_s": 0.0, "schedule_s": 0.0}
 
     # ------------------------------------------------------------------------------------------ requests
 
@@ -389,11 +391,13 @@ class Engine:
     def step(self) -> int:
         """Runs one iteration: schedules, runs one forward of the packed batch, samples, streams the new
         tokens. Returns the number of tokens the forward ran (0 when there was nothing to do)."""
+        start = time.perf_counter()
         plan = self._schedule()
         if not plan:
             return 0
         state = self.bank._state
         batch = self._pack(plan, state.index)
+        self.stats["schedule_s"] += time.perf_counter() - start
         prefixes = {}
 
         def attend(module, path, query, key, value, scaling, kwargs):
@@ -438,6 +442,7 @@ class Engine:
                 self._finish(seq, reason)
         self.stats["steps"] += 1
         self.stats["tokens"] += batch.num_tokens
+        self.stats["step_s"] += time.perf_counter() - start
         return batch.num_tokens
 
 
