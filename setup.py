@@ -64,7 +64,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["fastadapters", "fastadapters.ops", "fastadapters.kernels"],
+    packages=["fastadapters", "fastadapters.ops", "fastadapters.kernels", "fastadapters.serving"],
     package_dir={"fastadapters": "fastadapters", "fastadapters.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -277,6 +277,8 @@ def bank_attention_forward(module, query, key, value, attention_mask, scaling=No
         causal = False  # transformers' 4-D masks carry the causal pattern themselves
     hook = module.__dict__.get(BANK_ATTR)
     req = None if hook is None else hook[0]._request()
+    if getattr(req, "attend", None) is not None:  # a packed step of the serving engine: its paged attention
+        return req.attend(module, hook[1], query, key, value, scaling, kwargs), None
     stacks = () if req is None else req.state.prefixes.get(hook[1], ())
     rows, dev = query.shape[0], query.device
     used = [(st, ids) for st in stacks if (ids := req.prefix_adapter_ids(st, rows, dev)) is not None]

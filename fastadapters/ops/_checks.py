@@ -5,7 +5,9 @@ import math
 import torch
 from torch import Tensor
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 runs on the torch backends only (as PEFT runs it; the exactness tests use it): the compiled and
+# Triton backends give it as a reason they cannot run a call (_dispatch.KERNEL_DTYPES).
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def describe(t: Tensor) -> str:
@@ -16,7 +18,7 @@ def check_tensor(name: str, t, *, ndim: int | None = None, min_ndim: int | None 
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {describe(t)}")
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {describe(t)}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got {describe(t)}")
     if min_ndim is not None and t.dim() < min_ndim:

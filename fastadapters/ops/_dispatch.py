@@ -18,6 +18,8 @@ import torch
 
 ENV_VAR = "FASTADAPTERS_BACKEND"
 BACKENDS = ("triton", "cuda", "cpu", "torch")
+# The dtypes the compiled kernels take (the torch backends take float64 too).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch", "triton")}
 
 
@@ -94,6 +96,8 @@ def triton_reasons(device: torch.device, **info) -> list[str]:
 
     if not HAS_TRITON:
         return ["triton is not installed"]
+    if info.get("dtype") not in (None, *KERNEL_DTYPES):
+        return [f"the Triton kernels take {[str(d) for d in KERNEL_DTYPES]}, got {info['dtype']}"]
     if device.type == "cpu" and not INTERPRET:
         return ["CPU tensors need TRITON_INTERPRET=1 (set before triton is imported)"]
     if device.type not in ("cpu", "cuda"):
@@ -120,8 +124,11 @@ def extension_reasons(device: torch.device, kind: str, op: str | None = None) ->
 def extension(kind: str, op: str) -> Callable[..., list[str]]:
     """The `reasons` of a backend that runs torch.ops.fastadapters_C.<op> on `kind` tensors."""
 
-    def reasons(device, **info) -> list[str]:
-        return extension_reasons(device, kind, op)
+    def reasons(device, dtype=None, **info) -> list[str]:
+        why = extension_reasons(device, kind, op)
+        if dtype is not None and dtype not in KERNEL_DTYPES:
+            why.append(f"the compiled kernels take {[str(d) for d in KERNEL_DTYPES]}, got {dtype}")
+        return why
 
     return reasons
 

@@ -126,7 +126,7 @@ class TorchBottleneck:
 
 
 def _triton_reasons(device, bottleneck: int = 1, **info) -> list[str]:
-    why = triton_reasons(device)
+    why = triton_reasons(device, **info)
     if bottleneck > TRITON_MAX_BOTTLENECK:
         why = why + [f"bottleneck {bottleneck} > {TRITON_MAX_BOTTLENECK}, the kernels' limit"]
     return why

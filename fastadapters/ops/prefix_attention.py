@@ -289,7 +289,7 @@ MAX_TRITON_HEAD_DIM = 256
 
 
 def _triton_reasons(device, head_dim=None, **info) -> list[str]:
-    why = triton_reasons(device)
+    why = triton_reasons(device, **info)
     if head_dim is not None and head_dim > MAX_TRITON_HEAD_DIM:
         why.append(f"head_dim {head_dim} > {MAX_TRITON_HEAD_DIM}")
     return why
