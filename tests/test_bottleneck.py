@@ -352,7 +352,11 @@ BAD = {
     "activation": (dict(activation="swish"), ValueError, "activation must be one of"),
     "scale-nan": (dict(scale=float("nan")), TypeError, "scale must be a finite"),
     "scale-1d": (dict(scale=torch.ones(1)), ValueError, "0-dim"),
-    "scale-dtype": (dict(scale=torch.tensor(1.0, dtype=torch.float64)), TypeError, "scale must be float32"),
+    "scale-dtype": (
+        dict(scale=torch.tensor(1.0, dtype=torch.float64)),
+        TypeError,
+        "scale must have h's dtype",
+    ),
     "scale-str": (dict(scale="learned"), TypeError, "scale must be a finite"),
 }
 

@@ -508,7 +508,7 @@ BAD = {
     "bank_a dtype": (
         dict(bank_a=torch.randn(5, 6, dtype=torch.float64)),
         TypeError,
-        "bank_a must be float32",
+        "bank_a must have x's dtype torch.float32",
     ),
     "bank_a half": (dict(bank_a=torch.randn(5, 6).half()), TypeError, "bank_a must have x's dtype"),
     "weight d_in": (dict(weight=torch.randn(4, 5)), ValueError, "weight must have shape"),
