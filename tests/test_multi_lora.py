@@ -559,3 +559,12 @@ def test_grouped_bad_input():
 
 def test_tolerance_table_covers_dtypes():
     assert all(d in TOLERANCES for d in DTYPES)
+
+
+def test_float64_runs_on_the_torch_backends():
+    """float64 (PEFT runs it; the engine's exactness tests use it) is the torch backends' alone."""
+    ops_names = ("lora_linear", "bottleneck_adapter", "multi_lora_linear", "multi_bottleneck_adapter")
+    for op in (*ops_names, "prefix_attention"):
+        assert ops.backend_for(op, dtype=torch.float64) == "torch", op
+    with ops.use_backend("cpu"), pytest.raises(RuntimeError, match="compiled kernels take|not built"):
+        ops.backend_for("lora_linear", dtype=torch.float64)
