@@ -11,6 +11,7 @@ from test_bank import OTHERS, lora, make_adapter
 
 import fastadapters
 from fastadapters.serving import Engine, PackedBatch, paged_attention, paged_attention_reference
+from fastadapters.serving.attention import pad_prefixes
 
 NEW = 6
 # LoRA of ranks 1 to 64 on different layer sets, series and parallel bottleneck adapters, prefixes.
@@ -224,6 +225,6 @@ def test_paged_attention_equals_reference():
     batch = PackedBatch(zeros, zeros, zeros, q_starts, context, [0, 1, 2], zeros, read, zeros[:0], [[]] * 3)
     q = torch.randn(T, H, D, generator=gen)
     for window in (None, 3):
-        out = paged_attention(q, k_cache, v_cache, batch, 0.3, prefixes, window)
+        out = paged_attention(q, k_cache, v_cache, batch, 0.3, pad_prefixes(prefixes, q), window)
         ref = paged_attention_reference(q, keys, values, batch, 0.3, prefixes, window)
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)

@@ -37,7 +37,7 @@ from torch import Tensor
 from fastadapters.bank import AdapterBank, _Request
 from fastadapters.families import attention_paths, kv_shape
 from fastadapters.ops.multi_lora import adapter_schedule
-from fastadapters.serving.attention import PackedBatch, paged_attention
+from fastadapters.serving.attention import PackedBatch, pad_prefixes, paged_attention
 from fastadapters.serving.kv_cache import PagedKVCache
 
 
@@ -406,7 +406,7 @@ class Engine:
             k_cache[batch.write_slots] = key[0].transpose(0, 1).to(k_cache.dtype)
             v_cache[batch.write_slots] = value[0].transpose(0, 1).to(v_cache.dtype)
             if path not in prefixes:
-                prefixes[path] = _prefixes(state, path, batch.seq_adapters)
+                prefixes[path] = pad_prefixes(_prefixes(state, path, batch.seq_adapters), k_cache)
             out = paged_attention(
                 query[0].transpose(0, 1), k_cache, v_cache, batch, scaling, prefixes[path],
                 kwargs.get("sliding_window"),
@@ -446,11 +446,9 @@ class Engine:
         return batch.num_tokens
 
 
-def _prefixes(state, path: str, seq_adapters: list) -> list | None:
+def _prefixes(state, path: str, seq_adapters: list) -> list:
     """Each sequence's prefix (key, value) [P, Hkv, D] at attention module `path`, or None."""
     stacks = state.prefixes.get(path, ())
-    if not stacks:
-        return None
     out = []
     for a in seq_adapters:
         hit = next(((st, st.rows[a]) for st in stacks if a in st.rows), None)
