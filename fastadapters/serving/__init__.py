@@ -4,7 +4,12 @@ Above the layers (bank, patch) and below the CLI. See engine.py for the engine, 
 contract (PackedBatch) and the paged attention, kv_cache.py for the cache.
 """
 
-from fastadapters.serving.attention import PackedBatch, pad_prefixes, paged_attention, paged_attention_reference
+from fastadapters.serving.attention import (
+    PackedBatch,
+    pad_prefixes,
+    paged_attention,
+    paged_attention_reference,
+)
 from fastadapters.serving.engine import Engine, RequestHandle, SamplingParams
 from fastadapters.serving.kv_cache import PagedKVCache
 
