@@ -44,7 +44,7 @@ def setup(request, tmp_path_factory):
 
 
 def llama_only(base):
-    """Tests of scheduling and bookkeeping run on llama; mistral (sliding window) covers the exactness ones."""
+    """Bookkeeping tests run on llama; mistral (sliding window) runs the exactness ones too."""
     if base.config.model_type != "llama":
         pytest.skip("llama covers the same code")
 
