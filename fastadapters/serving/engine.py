@@ -69,6 +69,9 @@ class RequestHandle:
         self.finish_reason: str | None = None
         self.error: Exception | None = None
         self._cond = threading.Condition()
+        # Called from the engine's thread as listener(token or None, finish reason or None) after each
+        # change (the server forwards them to its event loop).
+        self.listeners: list = []
 
     def _push(self, token: int | None = None, reason: str | None = None, error: Exception | None = None):
         with self._cond:
@@ -77,6 +80,8 @@ class RequestHandle:
             if reason is not None:
                 self.finished, self.finish_reason, self.error = True, reason, error
             self._cond.notify_all()
+        for listener in self.listeners:
+            listener(token, reason)
 
     def __iter__(self):
         seen = 0
@@ -230,9 +235,11 @@ class Engine:
         top_k: int = 0,
         seed: int | None = None,
         stop=None,
+        listener=None,
     ) -> RequestHandle:
         """Queues a request; it joins the next step. Returns its handle. Everything is checked here: a bad
-        request raises and leaves the engine as it was."""
+        request raises and leaves the engine as it was. listener(token, finish_reason), if given, is called
+        from the stepping thread after each new token and at the end."""
         if isinstance(prompt_ids, Tensor):
             if prompt_ids.dim() != 1 or prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool:
                 raise ValueError(
@@ -284,6 +291,8 @@ class Engine:
         with self._lock:
             rid = next(self._ids)
             handle = RequestHandle(rid, list(prompt_ids), adapter, max_new_tokens, params, stop)
+            if listener is not None:
+                handle.listeners.append(listener)
             self._waiting.append(_Sequence(handle, rid, generator, tokens=list(prompt_ids)))
         return handle
 
@@ -295,6 +304,11 @@ class Engine:
     def _known(self) -> list:
         """The adapter names requests may use: the pool's registered ones, else the bank's loaded ones."""
         return self.bank.names() if self.pool is None else self.pool.names()
+
+    def num_waiting(self) -> int:
+        """Requests queued and not yet admitted (preempted ones included)."""
+        with self._lock:
+            return len(self._waiting)
 
     def has_work(self) -> bool:
         with self._lock:

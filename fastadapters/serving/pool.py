@@ -85,6 +85,15 @@ class AdapterPool:
                 self._evict_unused(f"{name}@{old.version}")
             return version
 
+    def unregister(self, name: str) -> None:
+        """Forgets `name`: it is evicted now, or when its last running request releases it."""
+        self._check(name)
+        with self._lock:
+            del self._entries[name]
+            self._pinned.discard(name)
+            for key in [k for k, slot in self._resident.items() if slot[0] == name]:
+                self._evict_unused(key)
+
     def names(self) -> list[str]:
         """The registered adapters."""
         return list(self._entries)
@@ -124,7 +133,7 @@ class AdapterPool:
             while not self._fits(entry.nbytes):
                 victim = next(
                     (k for k, (n, v, _, users) in self._resident.items()
-                     if users == 0 and not (n in self._pinned and v == self._entries[n].version)),
+                     if users == 0 and not (n in self._pinned and v == self.version(n))),
                     None,
                 )  # fmt: skip
                 if victim is None:
@@ -154,7 +163,8 @@ class AdapterPool:
 
     def _evict_unused(self, key: str) -> None:
         slot = self._resident.get(key)
-        if slot is not None and slot[3] == 0 and self._entries[slot[0]].version != slot[1]:
+        entry = None if slot is None else self._entries.get(slot[0])
+        if slot is not None and slot[3] == 0 and (entry is None or entry.version != slot[1]):
             self._evict(key)
 
     def _evict(self, key: str) -> None:
