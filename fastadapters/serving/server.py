@@ -482,7 +482,7 @@ async def _first(events):
         return e
 
 
-def demo_server(num_adapters: int = 3, **kwargs) -> Server:
+def demo_server(num_adapters: int = 3, dtype=torch.float32, **kwargs) -> Server:
     """A server on a tiny random Llama with a BPE tokenizer and random adapters (LoRA, series bottleneck,
     prefix): the offline quick start (`fastadapters serve --demo`) and the tests."""
     import copy
@@ -492,7 +492,7 @@ def demo_server(num_adapters: int = 3, **kwargs) -> Server:
 
     texts = ["the quick brown fox jumps over the lazy dog 0123456789"] * 8
     tokenizer = build_tokenizer(texts, vocab_size=300)
-    model = build_model(len(tokenizer), hidden=64, layers=2, seed=0).eval()
+    model = build_model(len(tokenizer), hidden=64, layers=2, seed=0).to(dtype).eval()
     configs = [LoraConfig(r=8, lora_alpha=16), BottleneckConfig(bottleneck_size=16),
                PrefixConfig(num_virtual_tokens=4)]  # fmt: skip
     gen = torch.Generator().manual_seed(1)
@@ -501,7 +501,9 @@ def demo_server(num_adapters: int = 3, **kwargs) -> Server:
         config = configs[i % len(configs)]
         tuned = patch.apply(copy.deepcopy(model), config)
         state = {
-            key: torch.randn(value.shape, generator=gen) * 0.3 + (1.0 if value.numel() == 1 else 0.0)
+            key: (torch.randn(value.shape, generator=gen) * 0.3 + (1.0 if value.numel() == 1 else 0.0)).to(
+                dtype
+            )
             for key, value in io.adapter_state_dict(tuned).items()
         }
         adapters.append((f"demo-{type(config).__name__.removesuffix('Config').lower()}-{i}", state, config))
@@ -510,3 +512,73 @@ def demo_server(num_adapters: int = 3, **kwargs) -> Server:
         pool.register(name, state, config)
     engine = Engine(pool, max_batch_tokens=128, kv_budget_bytes=16 << 20)
     return Server(engine, tokenizer, base_name="demo-base", **kwargs)
+
+
+def add_arguments(parser):
+    """`fastadapters serve`'s options."""
+    parser.add_argument("--base-model", help="a HF model folder or hub name (its tokenizer too)")
+    parser.add_argument(
+        "--demo", action="store_true", help="a tiny random model with 3 random adapters (offline)"
+    )
+    parser.add_argument(
+        "--adapter", action="append", default=[], metavar="NAME=PATH", help="an adapter to serve"
+    )
+    parser.add_argument("--adapter-root", help="folder under which /v1/load_lora_adapter may load adapters")
+    parser.add_argument("--max-slots", type=int, default=16, help="adapters resident at once")
+    parser.add_argument("--adapter-budget", type=int, default=None, help="bytes of resident adapter weights")
+    parser.add_argument("--kv-budget", type=int, default=256 << 20, help="bytes for the KV cache")
+    parser.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per engine step")
+    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    parser.add_argument(
+        "--request-timeout", type=float, default=60.0, help="seconds to first token before 503"
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None, help="require Authorization: Bearer <key>")
+    return parser
+
+
+def run(args) -> int:
+    """`fastadapters serve`: builds the server from the options and runs uvicorn until SIGTERM/Ctrl-C
+    (running requests finish first)."""
+    from fastadapters.data import UsageError
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise UsageError("serving needs the serve extra: pip install 'fastadapters[serve]'") from None
+    limits = dict(api_key=args.api_key, adapter_root=args.adapter_root, max_queue=args.max_queue,
+                  request_timeout=args.request_timeout)  # fmt: skip
+    if args.demo:
+        server = demo_server(**limits)
+    elif not args.base_model:
+        raise UsageError("give --base-model PATH_OR_NAME, or --demo")
+    else:
+        import transformers
+
+        adapters = []
+        for spec in args.adapter:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise UsageError(f"--adapter must be NAME=PATH, got {spec!r}")
+            adapters.append((name, path))
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(args.base_model)
+            model = transformers.AutoModelForCausalLM.from_pretrained(args.base_model).eval()
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot load --base-model {args.base_model!r}: {e}") from None
+        try:
+            pool = AdapterPool(model, max_slots=args.max_slots, budget_bytes=args.adapter_budget)
+            for name, path in adapters:
+                pool.register(name, path)
+            engine = Engine(pool, max_batch_tokens=args.max_batch_tokens, kv_budget_bytes=args.kv_budget)
+        except (ValueError, TypeError) as e:
+            raise UsageError(str(e)) from None
+        base = os.path.basename(os.path.normpath(args.base_model))
+        server = Server(engine, tokenizer, base_name=base, **limits)
+    print(
+        f"fastadapters serve: models {server.models_list()} on http://{args.host}:{args.port}/v1", flush=True
+    )
+    uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=30)  # fmt: skip
+    return 0
