@@ -1,5 +1,6 @@
 """`fastadapters serve`: a real uvicorn server on a free port, driven by the official `openai` client and
-httpx. Every response equals its request run alone (the adapter applied with fastadapters, HF generate, float64)."""
+httpx. Every response equals its request run alone (the adapter applied with fastadapters, HF generate,
+float64)."""
 
 import json
 import os
