@@ -203,3 +203,14 @@ def test_cli_serve_refuses_bad_options(capsys):
     assert cli.main(["serve"]) == 2
     assert "give --base-model" in capsys.readouterr().err
     assert cli.main(["serve", "--base-model", os.devnull, "--adapter", "noequals"]) == 2
+
+
+def test_load_generator_against_the_live_server(live):
+    import asyncio
+
+    from bench import load
+
+    url, _, _ = live
+    report = asyncio.run(load.run(url, rate=20.0, requests=6, api_key=KEY, seed=1))
+    assert report["completed"] == 6 and not report["errors"]
+    assert report["output_tokens_per_s"] > 0 and report["ttft_p50_ms"] > 0

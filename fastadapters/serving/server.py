@@ -378,6 +378,7 @@ def build_app(server: Server):
                 raise ApiError(400, f"the prompt ({len(prompt)} tokens) plus max_tokens exceeds the model's "
                                f"context of {server.engine.max_positions}", "max_tokens")  # fmt: skip
             stream = bool(body.get("stream", False))
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
         except ApiError as e:
             return error(e)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -413,6 +414,13 @@ def build_app(server: Server):
                     except ApiError as e:
                         yield f"data: {json.dumps({'error': {'message': e.message, 'code': e.status}})}\n\n"
                         break
+                if include_usage:
+                    n_out = sum(counts.values())
+                    usage = {"prompt_tokens": len(prompt), "completion_tokens": n_out,
+                             "total_tokens": len(prompt) + n_out}  # fmt: skip
+                    data = {"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": [],
+                            "usage": usage}  # fmt: skip
+                    yield f"data: {json.dumps(data)}\n\n"
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(sse(), media_type="text/event-stream")
