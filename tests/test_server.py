@@ -214,3 +214,39 @@ def test_load_generator_against_the_live_server(live):
     report = asyncio.run(load.run(url, rate=20.0, requests=6, api_key=KEY, seed=1))
     assert report["completed"] == 6 and not report["errors"]
     assert report["output_tokens_per_s"] > 0 and report["ttft_p50_ms"] > 0
+
+
+def test_sigterm_drains_running_requests_then_exits_0(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    port_sock = socket.socket()
+    port_sock.bind(("127.0.0.1", 0))
+    port = port_sock.getsockname()[1]
+    port_sock.close()
+    cmd = [sys.executable, "-m", "fastadapters.cli", "serve", "--demo", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {"model": "demo-lora-0", "prompt": "fox", "max_tokens": 40, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        usage = None
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+            lines = r.iter_lines()
+            next(lines)  # the request is running
+            proc.send_signal(signal.SIGTERM)
+            for line in lines:
+                if line.startswith("data: {") and json.loads(line[6:]).get("usage"):
+                    usage = json.loads(line[6:])["usage"]
+        assert usage is not None and usage["completion_tokens"] >= 1  # it finished, it was not cut
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()

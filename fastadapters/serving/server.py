@@ -21,6 +21,7 @@ request: its KV blocks and its hold on the adapter are freed at the next step.
 import asyncio
 import json
 import os
+import signal
 import threading
 import time
 import uuid
@@ -587,6 +588,9 @@ def run(args) -> int:
     print(
         f"fastadapters serve: models {server.models_list()} on http://{args.host}:{args.port}/v1", flush=True
     )
+    # uvicorn drains on SIGTERM (running requests finish, up to 30 s), then raises the signal again once
+    # its own handler is gone: this one takes it, so that a drained server exits with status 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=30)  # fmt: skip
     return 0
