@@ -380,6 +380,12 @@ class AdapterBank:
         """Loads an adapter folder: fastadapters' format (fastadapters_config.json; LoRA, bottleneck or
         prefix) or PEFT's LoRA format (adapter_config.json). Everything is read and checked before the
         bank changes: a bad file leaves it as it was."""
+        config, state = self.read(path)
+        self.add(name, state, config, source=path)
+
+    def read(self, path: str) -> tuple:
+        """(config, state dict) of an adapter folder (fastadapters' or PEFT's LoRA format), its base model
+        checked against this bank's; the bank does not change."""
         if os.path.isfile(os.path.join(path, io.CONFIG_NAME)):
             config, state, base = io.read_adapter(path)
             io.check_base(self.model, base, path)
@@ -391,7 +397,7 @@ class AdapterBank:
             raise FileNotFoundError(
                 f"{path} holds neither {io.CONFIG_NAME} (fastadapters) nor {io.PEFT_CONFIG_NAME} (PEFT LoRA)"
             )
-        self.add(name, state, config, source=path)
+        return config, state
 
     def add(self, name: str, state: dict, config, source: str = "state") -> None:
         """Adds an adapter from memory: `state` is its state dict as fastadapters.save writes it (keys are

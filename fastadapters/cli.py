@@ -1,4 +1,4 @@
-"""The `fastadapters` command: `fastadapters train`, `fastadapters eval`, `fastadapters demo`.
+"""The `fastadapters` command: `fastadapters train`, `eval`, `demo` and `serve`.
 
 Bad input (a bad or out-of-range argument, a missing or unreadable file, a malformed dataset, an unknown
 name, inconsistent sizes, an unloadable base model, an adapter saved for another base model, an output
@@ -245,18 +245,32 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _run_serve(args) -> int:
+    from fastadapters.serving import server
+
+    return server.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastadapters import demo, train
 
     parser = ArgumentParser(prog="fastadapters", description="Adapter fine-tuning on fused kernels.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo,serve}")
     p = sub.add_parser("train", help="fine-tune an adapter on an LLM-Adapters JSON dataset")
     train.add_arguments(p).set_defaults(func=_run_train)
     p = sub.add_parser("eval", help="score a base model or an adapter on the LLM-Adapters test sets")
     _eval_arguments(p).set_defaults(func=_run_eval)
     p = sub.add_parser("demo", help="offline end-to-end demo on a tiny model (about 2 minutes on a CPU)")
     demo.add_arguments(p).set_defaults(func=_run_demo)
+    p = sub.add_parser("serve", help="an OpenAI-compatible server for the base model and its adapters")
+    _serve_arguments(p).set_defaults(func=_run_serve)
     return parser
+
+
+def _serve_arguments(parser):
+    from fastadapters.serving import server
+
+    return server.add_arguments(parser)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -11,15 +11,15 @@ context[s] tokens are already in the paged KV cache. Its queries attend to
 
 query: [T, H, D] (the step's packed queries); k_cache, v_cache: one layer's flat slots [slots, Hkv, D],
 the step's new keys already written; batch: PackedBatch (read_slots[s] are the slots of positions
-0 .. context[s] + n_s - 1 of sequence s); prefixes[s]: (key, value) [P_s, Hkv, D] or None. Grouped-query
-heads: query head h reads key head h // (H / Hkv). Returns [T, H, D].
+0 .. context[s] + n_s - 1 of sequence s); prefixes: each sequence's (key, value) [P_s, Hkv, D] or None,
+padded by `pad_prefixes`. Grouped-query heads: query head h reads key head h // (H / Hkv). Returns [T, H, D].
 
-This is the torch backend (one matmul pair per sequence, in the query's dtype: float64 included, for the
-exactness tests). The reference is `paged_attention_reference`, which builds each sequence's dense keys and
-runs plain softmax attention.
+This is the torch backend: the sequences padded to the longest (keys gathered from their slots) and one
+batched matmul pair, in the query's dtype (float64 included, for the exactness tests). The reference is
+`paged_attention_reference`, which attends query by query over each sequence's dense keys.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -47,6 +47,7 @@ class PackedBatch:
     read_slots: list
     logits_rows: Tensor
     block_tables: list
+    _layout: tuple | None = field(default=None, repr=False, compare=False)  # paged_attention's padding
 
     @property
     def num_seqs(self) -> int:
@@ -57,27 +58,26 @@ class PackedBatch:
         return self.input_ids.numel()
 
 
-def _visible(context: int, n: int, keys: int, prefix_len: int, sliding_window, device) -> Tensor:
-    """[n, prefix_len + keys] bool: which keys each of the n new queries sees."""
-    qpos = torch.arange(context, context + n, device=device)[:, None]
-    kpos = torch.arange(keys, device=device)[None, :]
-    mask = kpos <= qpos
-    if sliding_window:
-        mask &= kpos > qpos - sliding_window  # transformers' sliding-window overlay
-    return torch.cat([mask.new_ones(n, prefix_len), mask], dim=1)
-
-
-def _attend(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float) -> Tensor:
-    """q [n, H, D], k/v [L, Hkv, D], visible [n, L] -> [n, H, D]."""
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("nhd,lhd->hnl", q, k) * scale
-    scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(
-        scores, dim=-1, dtype=torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else None
-    )
-    return torch.einsum("hnl,lhd->nhd", probs.to(v.dtype), v)
+def _layout(batch: PackedBatch, device) -> tuple:
+    """The step's sequences padded to one shape, computed once per step (every layer shares it):
+    (read_table [S, L] slots, q_index [S, n] packed rows (T: padding), query_ok [S, n], key_ok [S, n, L])."""
+    if batch._layout is None:
+        S = batch.num_seqs
+        n = [batch.q_starts[s + 1] - batch.q_starts[s] for s in range(S)]
+        L = max(r.numel() for r in batch.read_slots)
+        read = torch.zeros(S, L, dtype=torch.int64, device=device)
+        for s, slots in enumerate(batch.read_slots):
+            read[s, : slots.numel()] = slots
+        ctx = torch.tensor(batch.context, device=device)[:, None, None]
+        lens = torch.tensor([r.numel() for r in batch.read_slots], device=device)[:, None, None]
+        i = torch.arange(max(n), device=device)[None, :, None]
+        j = torch.arange(L, device=device)[None, None, :]
+        query_ok = i[..., 0] < torch.tensor(n, device=device)[:, None]
+        q_index = torch.where(query_ok, torch.tensor(batch.q_starts[:-1], device=device)[:, None] + i[..., 0],
+                              batch.num_tokens)  # fmt: skip
+        key_ok = (j <= ctx + i) & (j < lens)
+        batch._layout = (read, q_index, query_ok, key_ok)
+    return batch._layout
 
 
 def paged_attention(
@@ -86,23 +86,51 @@ def paged_attention(
     v_cache: Tensor,
     batch: PackedBatch,
     scale: float,
-    prefixes: list | None = None,
+    prefixes: tuple | None = None,
     sliding_window: int | None = None,
 ) -> Tensor:
-    """Attention of the packed queries over each sequence's prefix and paged keys (module docstring)."""
-    out = torch.empty_like(query)
-    for s in range(batch.num_seqs):
-        q0, q1 = batch.q_starts[s], batch.q_starts[s + 1]
-        slots = batch.read_slots[s]
-        k, v = k_cache[slots], v_cache[slots]
-        prefix = None if prefixes is None else prefixes[s]
-        plen = 0
-        if prefix is not None:
-            plen = prefix[0].shape[0]
-            k, v = torch.cat([prefix[0].to(k.dtype), k]), torch.cat([prefix[1].to(v.dtype), v])
-        visible = _visible(batch.context[s], q1 - q0, slots.numel(), plen, sliding_window, query.device)
-        out[q0:q1] = _attend(query[q0:q1], k, v, visible, scale)
-    return out
+    """Attention of the packed queries over each sequence's prefix and paged keys (module docstring).
+
+    prefixes: None, or (key, value) [S, P, Hkv, D] and lengths [S] (padded; length 0: no prefix), as
+    `pad_prefixes` builds them. All sequences run as one batched matmul pair, padded to the longest."""
+    read, q_index, query_ok, key_ok = _layout(batch, query.device)
+    if sliding_window:
+        ctx = torch.tensor(batch.context, device=query.device)[:, None, None]
+        i = torch.arange(q_index.shape[1], device=query.device)[None, :, None]
+        j = torch.arange(read.shape[1], device=query.device)[None, None, :]
+        key_ok = key_ok & (j > ctx + i - sliding_window)  # transformers' sliding-window overlay
+    k, v = k_cache[read], v_cache[read]  # [S, L, Hkv, D]
+    if prefixes is not None:
+        pk, pv, plen = prefixes
+        prefix_ok = torch.arange(pk.shape[1], device=query.device)[None, None, :] < plen[:, None, None]
+        k, v = torch.cat([pk.to(k.dtype), k], dim=1), torch.cat([pv.to(v.dtype), v], dim=1)
+        key_ok = torch.cat([prefix_ok.expand(-1, key_ok.shape[1], -1), key_ok], dim=2)
+    key_ok = key_ok | ~query_ok[..., None]  # padded queries see every key (no empty softmax; discarded)
+    S, n = q_index.shape
+    Hkv, D = k.shape[2], k.shape[3]
+    q = torch.cat([query, query.new_zeros(1, *query.shape[1:])])[q_index]  # [S, n, H, D]
+    q = q.view(S, n, Hkv, -1, D)
+    scores = torch.einsum("snkgd,slkd->skgnl", q, k) * scale
+    scores = scores.masked_fill(~key_ok[:, None, None], float("-inf"))
+    half = query.dtype in (torch.float16, torch.bfloat16)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32 if half else None).to(v.dtype)
+    out = torch.einsum("skgnl,slkd->snkgd", probs, v).reshape(S * n, -1, D)
+    return out[query_ok.reshape(-1)]
+
+
+def pad_prefixes(prefixes: list, like: Tensor) -> tuple | None:
+    """Per-sequence prefixes ((key, value) [P_s, Hkv, D] or None) padded for paged_attention, or None."""
+    if all(p is None for p in prefixes):
+        return None
+    P = max(p[0].shape[0] for p in prefixes if p is not None)
+    Hkv, D = next(p[0].shape[1:] for p in prefixes if p is not None)
+    key = like.new_zeros(len(prefixes), P, Hkv, D)
+    value = torch.zeros_like(key)
+    lens = torch.zeros(len(prefixes), dtype=torch.int64, device=like.device)
+    for s, p in enumerate(prefixes):
+        if p is not None:
+            key[s, : p[0].shape[0]], value[s, : p[1].shape[0]], lens[s] = p[0], p[1], p[0].shape[0]
+    return key, value, lens
 
 
 def paged_attention_reference(

@@ -20,9 +20,9 @@ produced (nothing is dropped, and greedy or seeded outputs are unchanged).
 Sampling: greedy (temperature 0), temperature, top-k and top-p, with a torch.Generator per request seeded
 from `seed`, so a request's tokens do not depend on what it was batched with.
 
-Not yet (see issue 14): an adapter pool with slots, LRU eviction and versions (adapters are the bank's;
-a request whose adapter is removed while it runs ends with an error), the schedule built on the device, and
-a Triton kernel for the paged attention.
+Adapters: the bank's loaded ones (a request whose adapter is removed while it runs ends with an error), or
+with an AdapterPool (pool.py) its registered ones, made resident when a request is admitted.
+Not yet (see issue 14): the schedule built on the device, and a Triton kernel for the paged attention.
 """
 
 import itertools
@@ -37,8 +37,9 @@ from torch import Tensor
 from fastadapters.bank import AdapterBank, _Request
 from fastadapters.families import attention_paths, kv_shape
 from fastadapters.ops.multi_lora import adapter_schedule
-from fastadapters.serving.attention import PackedBatch, paged_attention
+from fastadapters.serving.attention import PackedBatch, pad_prefixes, paged_attention
 from fastadapters.serving.kv_cache import PagedKVCache
+from fastadapters.serving.pool import AdapterPool
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class RequestHandle:
         self.finish_reason: str | None = None
         self.error: Exception | None = None
         self._cond = threading.Condition()
+        # Called from the engine's thread as listener(token or None, finish reason or None) after each
+        # change (the server forwards them to its event loop).
+        self.listeners: list = []
 
     def _push(self, token: int | None = None, reason: str | None = None, error: Exception | None = None):
         with self._cond:
@@ -76,6 +80,8 @@ class RequestHandle:
             if reason is not None:
                 self.finished, self.finish_reason, self.error = True, reason, error
             self._cond.notify_all()
+        for listener in self.listeners:
+            listener(token, reason)
 
     def __iter__(self):
         seen = 0
@@ -104,6 +110,7 @@ class _Sequence:
     arrival: int
     generator: torch.Generator | None
     computed: int = 0  # tokens whose keys are in the cache
+    key: str | None = None  # the adapter's name in the bank, once admitted (the pool's "name@version")
     tokens: list = field(default_factory=list)  # prompt + outputs: what the cache must hold
 
     @property
@@ -137,7 +144,8 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
 class Engine:
     """Continuous batching over an AdapterBank's model (see the module docstring).
 
-    bank: an AdapterBank (or a HF causal LM, wrapped in a new one); max_batch_tokens: tokens per step
+    bank: an AdapterBank (or a HF causal LM, wrapped in a new one), or an AdapterPool (requests then name
+    its registered adapters, made resident as they are admitted); max_batch_tokens: tokens per step
     (decode tokens plus prefill chunks); max_seqs: sequences running at once (default: 32, at most
     max_batch_tokens); max_active_adapters: distinct
     adapters among them (None: no limit); kv_budget_bytes or num_blocks: the KV cache's size; block_size:
@@ -148,6 +156,7 @@ class Engine:
         self,
         bank,
         *,
+        pool=None,
         max_batch_tokens: int = 256,
         max_seqs: int | None = None,
         max_active_adapters: int | None = None,
@@ -156,9 +165,13 @@ class Engine:
         block_size: int = 16,
         eos_token_id=None,
     ):
-        if not isinstance(bank, AdapterBank):
+        if isinstance(bank, AdapterPool):
+            pool, bank = bank, bank.bank
+        elif not isinstance(bank, AdapterBank):
             bank = getattr(bank, "fastadapters_bank", None) or AdapterBank(bank)
-        self.bank = bank
+        if pool is not None and pool.bank is not bank:
+            raise ValueError("pool must be an AdapterPool over the engine's bank")
+        self.bank, self.pool = bank, pool
         model = bank.model
         self.model = model
         self.max_batch_tokens = _positive_int("max_batch_tokens", max_batch_tokens)
@@ -222,9 +235,11 @@ class Engine:
         top_k: int = 0,
         seed: int | None = None,
         stop=None,
+        listener=None,
     ) -> RequestHandle:
         """Queues a request; it joins the next step. Returns its handle. Everything is checked here: a bad
-        request raises and leaves the engine as it was."""
+        request raises and leaves the engine as it was. listener(token, finish_reason), if given, is called
+        from the stepping thread after each new token and at the end."""
         if isinstance(prompt_ids, Tensor):
             if prompt_ids.dim() != 1 or prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool:
                 raise ValueError(
@@ -242,8 +257,8 @@ class Engine:
         if bad:
             raise ValueError(f"prompt_ids must be in [0, {self.vocab_size}) (the vocabulary), got {bad[:5]}")
         _positive_int("max_new_tokens", max_new_tokens)
-        if adapter is not None and adapter not in self.bank.names():
-            raise ValueError(f"unknown adapter {adapter!r}; loaded adapters: {self.bank.names()}")
+        if adapter is not None and adapter not in self._known():
+            raise ValueError(f"unknown adapter {adapter!r}; adapters: {self._known()}")
         total = len(prompt_ids) + max_new_tokens
         if self.max_positions is not None and total > self.max_positions:
             raise ValueError(
@@ -276,6 +291,8 @@ class Engine:
         with self._lock:
             rid = next(self._ids)
             handle = RequestHandle(rid, list(prompt_ids), adapter, max_new_tokens, params, stop)
+            if listener is not None:
+                handle.listeners.append(listener)
             self._waiting.append(_Sequence(handle, rid, generator, tokens=list(prompt_ids)))
         return handle
 
@@ -283,6 +300,15 @@ class Engine:
         """Ends a request at the next step (its tokens so far stay in the handle; reason "abort")."""
         with self._lock:
             self._aborted.add(handle.request_id)
+
+    def _known(self) -> list:
+        """The adapter names requests may use: the pool's registered ones, else the bank's loaded ones."""
+        return self.bank.names() if self.pool is None else self.pool.names()
+
+    def num_waiting(self) -> int:
+        """Requests queued and not yet admitted (preempted ones included)."""
+        with self._lock:
+            return len(self._waiting)
 
     def has_work(self) -> bool:
         with self._lock:
@@ -297,6 +323,9 @@ class Engine:
 
     def _finish(self, seq: _Sequence, reason: str, error: Exception | None = None) -> None:
         self.cache.free(seq.arrival)
+        if self.pool is not None and seq.key is not None:
+            self.pool.release(seq.key)
+        seq.key = None
         seq.handle._push(reason=reason, error=error)
 
     def _preempt(self, seq: _Sequence) -> None:
@@ -314,10 +343,12 @@ class Engine:
                 (self._running if seq in self._running else self._waiting).remove(seq)
                 self._finish(seq, "abort")
             self._aborted.clear()
-            names = set(self.bank.names())
+            loaded, known = set(self.bank.names()), set(self._known())
             for seq in [
-                s for s in (*self._running, *self._waiting) if s.handle.adapter not in names | {None}
-            ]:
+                s for s in (*self._running, *self._waiting)
+                if s.handle.adapter is not None
+                and (s.key not in loaded if s.key is not None else s.handle.adapter not in known)
+            ]:  # fmt: skip
                 (self._running if seq in self._running else self._waiting).remove(seq)
                 self._finish(seq, "error", KeyError(f"adapter {seq.handle.adapter!r} was removed"))
             budget = self.max_batch_tokens
@@ -338,25 +369,29 @@ class Engine:
                 self.cache.allocate(seq.arrival, seq.computed + n)
                 plan.append((seq, n))
                 budget -= n
-            active = {s.handle.adapter for s in self._running if s.handle.adapter is not None}
+            active = {s.key for s in self._running if s.key is not None}
             while self._waiting and budget > 0 and len(self._running) < self.max_seqs:
                 seq = self._waiting[0]
                 adapter = seq.handle.adapter
-                if (
-                    adapter is not None
-                    and adapter not in active
-                    and self.max_active_adapters is not None
-                    and len(active) >= self.max_active_adapters
-                ):
-                    break  # first come, first served: later requests wait behind it
                 n = min(seq.pending, budget)
                 if not self.cache.can_allocate(seq.arrival, seq.computed + n):
                     break
+                if adapter is not None and seq.key is None:
+                    key = adapter if self.pool is None else f"{adapter}@{self.pool.version(adapter)}"
+                    if (
+                        key not in active
+                        and self.max_active_adapters is not None
+                        and len(active) >= self.max_active_adapters
+                    ):
+                        break  # first come, first served: later requests wait behind it
+                    seq.key = adapter if self.pool is None else self.pool.acquire(adapter)
+                    if seq.key is None:
+                        break  # no room in the pool until a running request releases its adapter
                 self._waiting.popleft()
                 self.cache.allocate(seq.arrival, seq.computed + n)
                 self._running.append(seq)
-                if adapter is not None:
-                    active.add(adapter)
+                if seq.key is not None:
+                    active.add(seq.key)
                 plan.append((seq, n))
                 budget -= n
             return plan
@@ -366,7 +401,7 @@ class Engine:
             [], [], [], [], [], [0], [], [], [], []
         )  # fmt: skip
         for seq, n in plan:
-            a = -1 if seq.handle.adapter is None else index[seq.handle.adapter]
+            a = -1 if seq.key is None else index[seq.key]
             start = seq.computed
             ids += seq.tokens[start : start + n]
             positions += range(start, start + n)
@@ -406,7 +441,7 @@ class Engine:
             k_cache[batch.write_slots] = key[0].transpose(0, 1).to(k_cache.dtype)
             v_cache[batch.write_slots] = value[0].transpose(0, 1).to(v_cache.dtype)
             if path not in prefixes:
-                prefixes[path] = _prefixes(state, path, batch.seq_adapters)
+                prefixes[path] = pad_prefixes(_prefixes(state, path, batch.seq_adapters), k_cache)
             out = paged_attention(
                 query[0].transpose(0, 1), k_cache, v_cache, batch, scaling, prefixes[path],
                 kwargs.get("sliding_window"),
@@ -446,11 +481,9 @@ class Engine:
         return batch.num_tokens
 
 
-def _prefixes(state, path: str, seq_adapters: list) -> list | None:
+def _prefixes(state, path: str, seq_adapters: list) -> list:
     """Each sequence's prefix (key, value) [P, Hkv, D] at attention module `path`, or None."""
     stacks = state.prefixes.get(path, ())
-    if not stacks:
-        return None
     out = []
     for a in seq_adapters:
         hit = next(((st, st.rows[a]) for st in stacks if a in st.rows), None)
