@@ -17,16 +17,14 @@ itl_p50/p99 (ms, from the closed-loop run that the test keeps), sched_share (the
 scheduling and packing).
 """
 
-import copy
 import time
 
 import pytest
 import torch
 import transformers
 
+from bench.bench_serving import bank_of, lora_states, peft_model
 from bench.common import device, on_gpu, pick, record
-from fastadapters import LoraConfig
-from fastadapters.bank import AdapterBank
 from fastadapters.serving import Engine
 
 pytestmark = pytest.mark.benchmark(min_rounds=3)
@@ -39,7 +37,6 @@ SETUP = pick(
 )
 ADAPTERS = pick([1, 16, 64], [2], gpu=[1, 4, 16, 64, 256])
 PROMPT, OUTPUT = pick(((8, 32), (8, 16)), ((2, 5), (2, 4)), gpu=((64, 512), (16, 128)))
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPE = torch.bfloat16 if on_gpu() else torch.float32
 PROVIDERS = ["engine", "base", "bank", "peft", "peft-single"]
 _CACHE: dict = {}
@@ -58,18 +55,9 @@ def base_model():
 
 
 def adapter_states(n: int) -> list[dict]:
-    base, r = base_model(), SETUP[5]
-    gen = torch.Generator().manual_seed(1)
-    states = _CACHE.setdefault("states", [])
-    while len(states) < n:
-        state = {}
-        for name, module in base.named_modules():
-            if name.rsplit(".", 1)[-1] in TARGETS:
-                d_out, d_in = module.weight.shape
-                state[f"{name}.lora_A.weight"] = torch.randn(r, d_in, generator=gen) / d_in**0.5
-                state[f"{name}.lora_B.weight"] = torch.randn(d_out, r, generator=gen) * 0.02
-        states.append(state)
-    return states[:n]
+    if len(_CACHE.get("states", ())) < n:
+        _CACHE["states"] = lora_states(base_model(), n, SETUP[5])
+    return _CACHE["states"][:n]
 
 
 def trace(n: int) -> list[tuple[list, str | None, int]]:
@@ -86,37 +74,16 @@ def trace(n: int) -> list[tuple[list, str | None, int]]:
     return out
 
 
-def make_bank(n: int) -> AdapterBank:
-    key = ("bank", n)
-    if key not in _CACHE:
-        bank = AdapterBank(copy.deepcopy(base_model()))
-        r = SETUP[5]
-        for a, state in enumerate(adapter_states(n)):
-            bank.add(f"a{a}", state, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
-        _CACHE[key] = bank
-    return _CACHE[key]
+def make_bank(n: int):
+    if ("bank", n) not in _CACHE:
+        _CACHE[("bank", n)] = bank_of(base_model(), adapter_states(n), SETUP[5])
+    return _CACHE[("bank", n)]
 
 
 def make_peft(n: int):
-    import peft
-
-    key = ("peft", n)
-    if key not in _CACHE:
-        r, model = SETUP[5], None
-        for a, state in enumerate(adapter_states(n)):
-            cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0)
-            if model is None:
-                model = peft.get_peft_model(copy.deepcopy(base_model()), cfg, adapter_name="a0")
-            else:
-                model.add_adapter(f"a{a}", cfg)
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for k, v in state.items():
-                    which = "lora_A" if ".lora_A." in k else "lora_B"
-                    path = k.split(f".{which}.")[0]
-                    params[f"base_model.model.{path}.{which}.a{a}.weight"].copy_(v)
-        _CACHE[key] = model.to(device(), DTYPE).eval()
-    return _CACHE[key]
+    if ("peft", n) not in _CACHE:
+        _CACHE[("peft", n)] = peft_model(base_model(), adapter_states(n), SETUP[5])
+    return _CACHE[("peft", n)]
 
 
 def serve_engine(engine: Engine, work, base: bool):

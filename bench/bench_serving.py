@@ -56,18 +56,52 @@ def base_and_adapters():
             num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=512, pad_token_id=0,
         )  # fmt: skip
         base = transformers.AutoModelForCausalLM.from_config(cfg).to(device(), DTYPE).eval()
-        gen = torch.Generator().manual_seed(1)
-        states = []
-        for _ in range(n):
-            state = {}
-            for name, module in base.named_modules():
-                if name.rsplit(".", 1)[-1] in TARGETS:
-                    d_out, d_in = module.weight.shape
-                    state[f"{name}.lora_A.weight"] = torch.randn(r, d_in, generator=gen) / d_in**0.5
-                    state[f"{name}.lora_B.weight"] = torch.randn(d_out, r, generator=gen) * 0.02
-            states.append(state)
+        states = lora_states(base, n, r)
         _CACHE["base"], _CACHE["states"] = base, states
     return _CACHE["base"], _CACHE["states"]
+
+
+def lora_states(base, n: int, r: int, seed: int = 1) -> list[dict]:
+    """n random (non-zero) LoRA state dicts of rank r on every TARGETS layer of `base`."""
+    gen = torch.Generator().manual_seed(seed)
+    states = []
+    for _ in range(n):
+        state = {}
+        for name, module in base.named_modules():
+            if name.rsplit(".", 1)[-1] in TARGETS:
+                d_out, d_in = module.weight.shape
+                state[f"{name}.lora_A.weight"] = torch.randn(r, d_in, generator=gen) / d_in**0.5
+                state[f"{name}.lora_B.weight"] = torch.randn(d_out, r, generator=gen) * 0.02
+        states.append(state)
+    return states
+
+
+def peft_model(base, states: list[dict], r: int):
+    """A PeftModel over a copy of `base` with the adapters a0, a1, ... holding `states`."""
+    import peft
+
+    model = None
+    for a, state in enumerate(states):
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0)
+        if model is None:
+            model = peft.get_peft_model(copy.deepcopy(base), cfg, adapter_name="a0")
+        else:
+            model.add_adapter(f"a{a}", cfg)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in state.items():
+                which = "lora_A" if ".lora_A." in k else "lora_B"
+                path = k.split(f".{which}.")[0]
+                params[f"base_model.model.{path}.{which}.a{a}.weight"].copy_(v)
+    return model.to(device(), DTYPE).eval()
+
+
+def bank_of(base, states: list[dict], r: int) -> AdapterBank:
+    """An AdapterBank over a copy of `base` with the adapters a0, a1, ... holding `states`."""
+    bank = AdapterBank(copy.deepcopy(base))
+    for a, state in enumerate(states):
+        bank.add(f"a{a}", state, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
+    return bank
 
 
 def make_model(provider: str):
@@ -77,30 +111,11 @@ def make_model(provider: str):
     if provider == "base":
         return base
     if provider.startswith("peft"):
-        import peft
-
-        key = "peft"
-        if key not in _CACHE:
-            model = None
-            for a, state in enumerate(states):
-                cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0)
-                if model is None:
-                    model = peft.get_peft_model(copy.deepcopy(base), cfg, adapter_name="a0")
-                else:
-                    model.add_adapter(f"a{a}", cfg)
-                params = dict(model.named_parameters())
-                with torch.no_grad():
-                    for k, v in state.items():
-                        which = "lora_A" if ".lora_A." in k else "lora_B"
-                        path = k.split(f".{which}.")[0]
-                        params[f"base_model.model.{path}.{which}.a{a}.weight"].copy_(v)
-            _CACHE[key] = model.to(device(), DTYPE).eval()
-        return _CACHE[key]
+        if "peft" not in _CACHE:
+            _CACHE["peft"] = peft_model(base, states, r)
+        return _CACHE["peft"]
     if "bank" not in _CACHE:
-        bank = AdapterBank(copy.deepcopy(base))
-        for a, state in enumerate(states):
-            bank.add(f"a{a}", state, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
-        _CACHE["bank"] = bank
+        _CACHE["bank"] = bank_of(base, states, r)
     return _CACHE["bank"]
 
 
