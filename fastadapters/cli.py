@@ -256,7 +256,7 @@ def _run_build_ext(args) -> int:
     except RuntimeError as exc:
         print(f"fastadapters build-ext: error: {_one_line(exc)}", file=sys.stderr)
         return 1
-    print(f"built fastadapters._C (CPU kernels) into {path}")
+    print(f"fastadapters._C (CPU kernels) is compiled in {path}")
     return 0
 
 
