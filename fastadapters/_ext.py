@@ -131,23 +131,28 @@ def _use(module, path: str) -> None:
     _C, PATH, AVAILABLE, ERROR = module, path, True, None
 
 
-def compile_cpu(verbose: bool = False, announce: bool = False) -> str:
+def compile_cpu(verbose: bool = False, announce: bool = False, retry: bool = True) -> str:
     """Compiles the extension's CPU kernels into `build_dir()` (or finds them built there), loads them as
     fastadapters._C and returns the library's path; raises RuntimeError (the compiler's output written to
-    <build_dir>/build.log) when the build fails. `announce` prints one line on stderr before compiling."""
+    <build_dir>/build.log) when the build fails. `announce` prints one line on stderr before compiling;
+    retry=False raises at once if an earlier build of the same sources failed (its build.log is there)."""
     folder = build_dir()
     with _file_lock(folder):
-        library, module = _library(folder), None
+        library, module, log = _library(folder), None, os.path.join(folder, "build.log")
         if os.path.isfile(library):
             try:
                 module = _import(library)
             except ImportError:  # a truncated library from a killed build: build it again
                 os.remove(library)
+        if module is None and not retry and os.path.isfile(log):
+            with open(log) as f:
+                first = f.readline().strip()
+            raise RuntimeError(f"{first}; an earlier build failed, `fastadapters build-ext` tries again")
         if module is None:
             if announce:
                 print(
                     f"fastadapters: compiling the C++ extension (CPU kernels) just-in-time into {folder}; "
-                    "once, about a minute (FASTADAPTERS_JIT=0 turns this off)",
+                    "once, under a minute (FASTADAPTERS_JIT=0 turns this off)",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -166,19 +171,24 @@ def compile_cpu(verbose: bool = False, announce: bool = False) -> str:
                     verbose=verbose,
                 )
             except Exception as exc:  # noqa: BLE001 - compiler, linker and loader failures all end here
-                log = os.path.join(folder, "build.log")
+                # One line for the warning: the compiler's first error, else the exception's first line.
+                lines = str(exc).strip().splitlines() or [type(exc).__name__]
+                first = next((line for line in lines if "error:" in line), lines[0]).strip()[:300]
+                first = f"{first} (build log: {log})"
                 with open(log, "w") as f:
-                    f.write(f"{type(exc).__name__}: {exc}\n")
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise RuntimeError(f"{first} (build log: {log})") from exc
+                    f.write(f"{first}\n\n{type(exc).__name__}: {exc}\n")
+                raise RuntimeError(first) from exc
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(log)
     _use(module, library)
     return library
 
 
 def jit(build: bool = True) -> bool:
     """Whether fastadapters._C is loaded, trying the just-in-time build the first time it is asked (the
-    dispatch hook of the C++ backends; later calls only read a flag). With build=False it only loads an
-    earlier build from the cache, and this process then never compiles (`fastadapters backends`)."""
+    dispatch hook of the C++ backends; later calls only read a flag). A build that failed is not tried
+    again (`fastadapters build-ext` does). With build=False it only loads an earlier build from the cache,
+    and this process then never compiles (`fastadapters backends`)."""
     global _jit_tried, ERROR
     if AVAILABLE or _jit_tried:
         return AVAILABLE
@@ -192,15 +202,16 @@ def jit(build: bool = True) -> bool:
                     ERROR = f"{ERROR}; just-in-time build off: {off}"
                 return False
             if not build:
-                if os.path.isfile(_library(build_dir())):
-                    compile_cpu()
+                folder = build_dir()
+                if os.path.isfile(_library(folder)) or os.path.isfile(os.path.join(folder, "build.log")):
+                    compile_cpu(retry=False)  # loads the library, or raises the earlier build's error
                 else:
                     ERROR = (
                         "not compiled yet; the first CPU call compiles it just-in-time into "
                         f"{cache_dir()}, or run `fastadapters build-ext`"
                     )
                 return AVAILABLE
-            compile_cpu(announce=True)
+            compile_cpu(announce=True, retry=False)
         except Exception as exc:  # noqa: BLE001 - a failed build leaves the Triton and torch backends
             ERROR = f"the just-in-time build failed: {exc}"
             warnings.warn(

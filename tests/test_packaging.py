@@ -18,12 +18,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import tomllib
 
 import fastadapters
 from fastadapters import _ext, cli
 from fastadapters.ops import _dispatch
 
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
@@ -109,6 +109,17 @@ def test_cache_dir_and_jit_switches(monkeypatch, tmp_path):
         monkeypatch.setenv(name, value)
         assert _ext.jit_disabled() == f"{name}={value}"
         monkeypatch.delenv(name)
+
+
+def test_a_failed_build_is_not_retried_on_first_use(monkeypatch, tmp_path):
+    """The just-in-time hook gives an earlier failure's reason without compiling; build-ext retries."""
+    monkeypatch.setenv("FASTADAPTERS_CACHE", str(tmp_path))
+    folder = Path(_ext.build_dir())
+    folder.mkdir(parents=True)
+    (folder / "build.log").write_text("lora.cpp:3:1: error: boom (build log: here)\n\nthe compiler output\n")
+    with pytest.raises(RuntimeError, match=r"error: boom \(build log: here\); an earlier build failed, "):
+        _ext.compile_cpu(retry=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["build.log"]  # nothing was compiled
 
 
 def test_backends_lists_every_op_and_device(capsys):
