@@ -1,6 +1,9 @@
 """Builds fastadapters and its optional compiled extension fastadapters._C.
 
-- The CPU part (csrc/bindings.cpp, csrc/cpu/*.cpp) is always built, with OpenMP.
+- The CPU part (csrc/bindings.cpp, csrc/cpu/*.cpp) is built, with OpenMP, whenever torch is importable
+  at build time (`pip install . --no-build-isolation`). Without torch (build isolation: pyproject.toml
+  does not ask for it) the wheel is pure Python plus Triton, and fastadapters/_ext.py compiles the CPU
+  part just-in-time on first use.
 - The CUDA part (csrc/cuda/*.cu) is added only where a CUDA toolkit and a CUDA build of torch exist.
 - FASTADAPTERS_SKIP_EXT=1 skips the extension; MAX_JOBS is honoured by torch's ninja build.
 - A failed build does not fail the install: the log goes to build/fastadapters_ext.log and the
@@ -64,8 +67,23 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["fastadapters", "fastadapters.ops", "fastadapters.kernels", "fastadapters.serving"],
-    package_dir={"fastadapters": "fastadapters", "fastadapters.kernels": "kernels"},
+    packages=[
+        "fastadapters",
+        "fastadapters.ops",
+        "fastadapters.kernels",
+        "fastadapters.serving",
+        "fastadapters.csrc",
+    ],
+    package_dir={
+        "fastadapters": "fastadapters",
+        "fastadapters.kernels": "kernels",
+        "fastadapters.csrc": "csrc",
+    },
+    # The C++/CUDA sources ship as fastadapters/csrc: a wheel built without torch (build isolation) has no
+    # _C, and fastadapters/_ext.py compiles its CPU part from them just-in-time.
+    package_data={
+        "fastadapters.csrc": ["*.h", "*.cpp", "cpu/*.h", "cpu/*.cpp", "cuda/*.h", "cuda/*.cuh", "cuda/*.cu"]
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

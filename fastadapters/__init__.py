@@ -17,7 +17,7 @@ from fastadapters.io import load, load_peft, save, save_peft
 from fastadapters.patch import apply, merge, remove, trainable_parameters, unmerge
 from fastadapters.prefix import fold_prefix
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version: pyproject.toml reads this line (statically, at build time)
 
 _LAZY = {"accelerate": "peft_accel", "deaccelerate": "peft_accel", "AccelerateCallback": "peft_accel"}
 

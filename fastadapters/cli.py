@@ -1,4 +1,5 @@
-"""The `fastadapters` command: `fastadapters train`, `eval`, `demo` and `serve`.
+"""The `fastadapters` command: `fastadapters train`, `eval`, `demo`, `serve`, `build-ext`, `backends`,
+`--version`.
 
 Bad input (a bad or out-of-range argument, a missing or unreadable file, a malformed dataset, an unknown
 name, inconsistent sizes, an unloadable base model, an adapter saved for another base model, an output
@@ -251,11 +252,60 @@ def _run_serve(args) -> int:
     return server.run(args)
 
 
+def _run_build_ext(args) -> int:
+    from fastadapters import _ext
+
+    if _ext.AVAILABLE:
+        print(f"fastadapters._C is already loaded from {_ext.PATH}; nothing to build")
+        return 0
+    try:
+        path = _ext.compile_cpu(verbose=args.verbose, announce=True)
+    except RuntimeError as exc:
+        print(f"fastadapters build-ext: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    print(f"fastadapters._C (CPU kernels) is compiled in {path}")
+    return 0
+
+
+def _run_backends(args) -> int:
+    import torch
+
+    import fastadapters
+    from fastadapters import _ext
+    from fastadapters.ops import _dispatch
+
+    _ext.jit(build=False)  # an earlier just-in-time build is used; nothing is compiled here
+    if _ext.AVAILABLE:
+        kernels = "CPU and CUDA kernels" if _ext.has_cuda() else "CPU kernels"
+        print(f"fastadapters {fastadapters.__version__}: fastadapters._C ({kernels}) loaded from {_ext.PATH}")
+    else:
+        print(f"fastadapters {fastadapters.__version__}: fastadapters._C not loaded: {_ext.ERROR}")
+    no_gpu = "" if torch.cuda.is_available() else " (no GPU is visible here)"
+    print(f"torch {torch.__version__}; backends per op, in the order dispatch tries them:")
+    for op, backends in sorted(_dispatch.IMPLEMENTATIONS.items()):
+        for device in (torch.device("cpu"), torch.device("cuda")):
+            print(f"{op}, {device.type} tensors{no_gpu if device.type == 'cuda' else ''}:")
+            chosen = False
+            for name in _dispatch.priority(op, device):
+                if name not in backends:
+                    continue
+                why = backends[name].reasons(device=device, dtype=torch.float32)
+                if why:
+                    print(f"  {name:<7} unavailable: {'; '.join(why)}")
+                else:
+                    print(f"  {name:<7} available{'' if chosen else ' (chosen)'}")
+                    chosen = True
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from fastadapters import demo, train
+    from fastadapters import __version__, demo, train
 
     parser = ArgumentParser(prog="fastadapters", description="Adapter fine-tuning on fused kernels.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo,serve}")
+    parser.add_argument("--version", action="version", version=f"fastadapters {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{train,eval,demo,serve,build-ext,backends}"
+    )
     p = sub.add_parser("train", help="fine-tune an adapter on an LLM-Adapters JSON dataset")
     train.add_arguments(p).set_defaults(func=_run_train)
     p = sub.add_parser("eval", help="score a base model or an adapter on the LLM-Adapters test sets")
@@ -264,6 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_arguments(p).set_defaults(func=_run_demo)
     p = sub.add_parser("serve", help="an OpenAI-compatible server for the base model and its adapters")
     _serve_arguments(p).set_defaults(func=_run_serve)
+    p = sub.add_parser(
+        "build-ext",
+        help="compile the C++ extension's CPU kernels now into the per-user cache (else done on first use)",
+    )
+    p.add_argument("--verbose", action="store_true", help="show the compiler's commands and output")
+    p.set_defaults(func=_run_build_ext)
+    p = sub.add_parser("backends", help="list, per op, the backends that can run and why the others cannot")
+    p.set_defaults(func=_run_backends)
     return parser
 
 

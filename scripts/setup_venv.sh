@@ -19,6 +19,6 @@ if ! "$VENV/bin/python" -c "import triton" 2>/dev/null; then
     "${PIP[@]}" "triton==3.8.*"
 fi
 "${PIP[@]}" "transformers>=5.17,<6" "safetensors>=0.4" "peft>=0.17,<0.23" "accelerate>=1.0" \
-    pytest pytest-benchmark pytest-xdist pytest-timeout hypothesis ruff pybind11 ninja matplotlib \
+    pytest pytest-benchmark pytest-xdist pytest-timeout hypothesis ruff ninja matplotlib \
     fastapi uvicorn prometheus-client openai httpx
 "${PIP[@]}" -e . --no-build-isolation

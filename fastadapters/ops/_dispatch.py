@@ -110,8 +110,9 @@ def extension_reasons(device: torch.device, kind: str, op: str | None = None) ->
     also when the extension does not register torch.ops.fastadapters_C.<op>."""
     from fastadapters import _ext
 
-    if not _ext.AVAILABLE:
-        return [f"fastadapters._C is not built ({_ext.ERROR}); see FASTADAPTERS_SKIP_EXT in the README"]
+    # Without an installed _C, the first CPU call that wants it compiles it just-in-time (once per process).
+    if not _ext.AVAILABLE and not (kind == "cpu" and device.type == "cpu" and _ext.jit()):
+        return [f"fastadapters._C is not built ({_ext.ERROR}); see Install in the README"]
     if device.type != kind:
         return [f"needs {kind} tensors, got {device.type}"]
     if kind == "cuda" and not _ext.has_cuda():
