@@ -131,34 +131,34 @@ def _extensions():
             saved = {k: compiler.__dict__.get(k) for k in ("_compile", "compile")}
             src_extensions = list(compiler.src_extensions)
             log = list(notes)
-            try:
-                super().build_extensions()
-                _write_log([*log, f"fastadapters._C built: {'CPU + CUDA' if with_cuda else 'CPU only'}"])
-                return
-            except Exception:  # noqa: BLE001 - a failed CUDA build leaves the CPU-only build below
-                log += ["build failed:", traceback.format_exc()]
-                if not with_cuda:
-                    _write_log(log)
-                    print(f"WARNING: fastadapters._C failed to build; see {LOG}", file=sys.stderr)
+            if with_cuda:
+                if self._attempt(log, "CPU + CUDA"):
                     return
-            print(f"WARNING: the CUDA part of fastadapters._C failed to build; see {LOG}", file=sys.stderr)
-            for key, value in saved.items():
-                if value is None:
-                    compiler.__dict__.pop(key, None)
-                else:
-                    setattr(compiler, key, value)
-            compiler.src_extensions = src_extensions
-            cpu = cpu_extension()
-            for field in _EXT_FIELDS:
-                setattr(ext, field, getattr(cpu, field))
-            log.append("retrying with the CPU part alone")
+                print(f"WARNING: fastadapters._C: the CUDA part failed to build; see {LOG}", file=sys.stderr)
+                for key, value in saved.items():
+                    if value is None:
+                        compiler.__dict__.pop(key, None)
+                    else:
+                        setattr(compiler, key, value)
+                compiler.src_extensions = src_extensions
+                cpu = cpu_extension()
+                for field in _EXT_FIELDS:
+                    setattr(ext, field, getattr(cpu, field))
+                log.append("retrying with the CPU part alone")
+            if not self._attempt(log, "CPU only"):
+                print(f"WARNING: fastadapters._C failed to build; see {LOG}", file=sys.stderr)
+
+        def _attempt(self, log: list[str], what: str) -> bool:
+            """Builds the extension as it stands; appends the outcome to `log` and writes it."""
             try:
                 super().build_extensions()
-                log.append("fastadapters._C built: CPU only")
-            except Exception:  # noqa: BLE001 - any compiler failure leaves the pure-Python package
-                log += ["build failed:", traceback.format_exc()]
-                print(f"WARNING: fastadapters._C failed to build; see {LOG}", file=sys.stderr)
-            _write_log(log)
+                log.append(f"fastadapters._C built: {what}")
+                return True
+            except Exception:  # noqa: BLE001 - any compiler failure: the caller falls back
+                log += [f"build failed ({what}):", traceback.format_exc()]
+                return False
+            finally:
+                _write_log(log)
 
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
 
