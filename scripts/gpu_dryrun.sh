@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rehearses bench/gpu_check.sh's core stage on a machine without a GPU, under the GPU machine's versions.
-#   nice bash scripts/gpu_dryrun.sh          (about 6 minutes with the virtualenv cached; 10-15 without)
+#   nice bash scripts/gpu_dryrun.sh          (20 minutes on 2 busy cores; 2.7 GB more the first time)
 # Steps, each timed; the run is GREEN when every one passes:
 #   venv      - a Python 3.12 virtualenv in $DRYRUN_HOME (default ~/.cache/fastadapters-dryrun, outside the
 #               tree; reused when present) with what the GPU machine has: torch==2.11.0 (the registry's
@@ -14,6 +14,8 @@
 #               op test files in the Triton interpreter (GPU_CHECK_TEST_DEVICE=cpu); no bench (no GPU);
 #   aot       - tests/compile_kernels.py --all-configs: every Triton kernel variant the ops launch (every
 #               dtype, op and autotune config) compiled for sm_90 by triton 3.6;
+#   prefix    - tests/test_prefix_models.py under transformers 5.17 (the cache argument's name, and GPT-J's
+#               refused attention switch: a clear error, its tests skipped);
 #   fallback  - setup.py given a fake nvcc of another CUDA major (12.4), no nvcc at all, and a fake nvcc of
 #               torch's major that cannot compile: each must end with an importable CPU-only fastadapters._C
 #               and its log in build/fastadapters_ext.log.
@@ -127,6 +129,14 @@ aot() {
     return $rc
 }
 
+prefix() {
+    (cd "$TREE" && PYTHONPATH=$TREE:$HOME_DIR/work/site "$VENV/bin/python" -m pytest tests/test_prefix_models.py \
+        -q -p no:cacheprovider -o addopts= -rs) >"$HOME_DIR/prefix.log" 2>&1
+    local rc=$?
+    grep -E "^(SKIPPED|FAILED)|passed|failed" "$HOME_DIR/prefix.log" | tail -n 8
+    return $rc
+}
+
 # fallback_case NAME NVCC_SCRIPT EXPECTED: builds with CUDA_HOME=a temp folder whose bin/nvcc is NVCC_SCRIPT
 # (none when empty); the log must contain EXPECTED and say "CPU only", and the CPU-only _C must import.
 fallback_case() {
@@ -165,6 +175,7 @@ echo "gpu_dryrun: $HOME_DIR, toolkit $TOOLKIT"
 run venv venv && run tree tree && {
     run core core
     run aot aot
+    run prefix prefix
     run fallback fallback
 }
 if ((RED)); then verdict=RED; else verdict=GREEN; fi

@@ -99,7 +99,7 @@ def generate_positions(mask):
 @functools.cache
 def refused(family) -> bool:
     """Whether this transformers refuses to route `family`'s attention through fastadapters' (GPT-J under
-    5.17): fa.apply then raises NotImplementedError (test_prefix_where_transformers_refuses_...)."""
+    5.17): fa.apply then raises NotImplementedError (test_apply_switches_the_attention_or_refuses_clearly)."""
     try:
         fa.apply(tiny_model(family), fa.PrefixConfig(num_virtual_tokens=P))
     except NotImplementedError:
