@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rehearses bench/gpu_check.sh's core stage on a machine without a GPU, under the GPU machine's versions.
-#   nice bash scripts/gpu_dryrun.sh          (20 minutes on 2 busy cores; 2.7 GB more the first time)
+#   nice bash scripts/gpu_dryrun.sh          (under an hour on 2 busy cores; 2.7 GB more the first time)
 # Steps, each timed; the run is GREEN when every one passes:
 #   venv      - a Python 3.12 virtualenv in $DRYRUN_HOME (default ~/.cache/fastadapters-dryrun, outside the
 #               tree; reused when present) with what the GPU machine has: torch==2.11.0 (the registry's
