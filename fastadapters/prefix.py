@@ -292,8 +292,20 @@ def apply_prefix(model: nn.Module, config: PrefixConfig, families: dict = PREFIX
     if route == "registry":
         register_attention()
         own_config(model)
-        model._fastadapters_previous_attention = model.config._attn_implementation
+        previous = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION_NAME)
+        if model.config._attn_implementation != ATTENTION_NAME:
+            # Some transformers versions only log a warning (GPT-J under 5.17): the prefix would be ignored.
+            remove_prefix(model)
+            import transformers
+
+            raise NotImplementedError(
+                f"prefix tuning of model_type {model.config.model_type!r} needs transformers to route its "
+                f"attention through {ATTENTION_NAME!r}, and transformers {transformers.__version__} refused "
+                f"to switch it (it stays {previous!r}); use a transformers release in which this model uses "
+                "the AttentionInterface (5.24 does for GPT-J)"
+            )
+        model._fastadapters_previous_attention = previous
     else:
         for module in modules:
             module.forward = types.MethodType(_bloom_prefix_forward, module)

@@ -18,7 +18,8 @@ if ! "$VENV/bin/python" -c "import triton" 2>/dev/null; then
     # 3.8.x lies on local disk; it is also what the CUDA build of torch 2.14 asks for.
     "${PIP[@]}" "triton==3.8.*"
 fi
-"${PIP[@]}" "transformers>=5.17,<6" "safetensors>=0.4" "peft>=0.17,<0.23" "accelerate>=1.0" \
+# The ranges of pyproject.toml's dependencies (tested: this CPU set and the GPU machine's, see there).
+"${PIP[@]}" "transformers>=5.17,<5.25" "safetensors>=0.8,<0.9" "peft>=0.21,<0.22" "accelerate>=1.16,<1.17" \
     pytest pytest-benchmark pytest-xdist pytest-timeout hypothesis ruff ninja matplotlib \
     fastapi uvicorn prometheus-client openai httpx
 "${PIP[@]}" -e . --no-build-isolation

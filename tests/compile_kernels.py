@@ -10,10 +10,11 @@ types the @triton.jit helpers receive.
 
 --quick compiles fewer variants (still every kernel and each constexpr branch at least once: the test's
 choice). --all-configs compiles every autotune config (default: the first one, what FASTADAPTERS_AUTOTUNE=0
-runs, which also shows that the switch reaches every kernel). --stats writes, per launch, the SASS
-instruction count and the registers, shared and local memory ptxas gives it (from the cubin, with triton's
-cuobjdump), to compare two versions of the kernels. --kernels loads the four kernel modules from DIR
-instead of fastadapters.kernels.
+runs, which also shows that the switch reaches every kernel). A variant that fails to compile is reported
+(on stderr, and counted on the last line), the others still compile, and the exit status is 1.
+--stats writes, per launch, the SASS instruction count and the registers, shared and local memory ptxas
+gives it (from the cubin, with triton's cuobjdump), to compare two versions of the kernels. --kernels loads
+the four kernel modules from DIR instead of fastadapters.kernels.
 """
 
 import argparse
@@ -48,6 +49,7 @@ TYPES = {
 LABEL = ["?"]  # the driver step being compiled, for --stats keys
 LAUNCHES: list[tuple[str, object]] = []  # (key, CompiledKernel)
 _SEEN: dict = {}
+FAILED: dict = {}  # variant key -> why it did not compile
 ALL_CONFIGS = [False]
 QUICK = [False]  # --quick: one variant per constexpr branch, about a third of the launches
 
@@ -80,10 +82,16 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
         tuple((k, str(v)) for k, v in consts.items()),
         tuple(options.items()),
     )
+    if key in FAILED:
+        return
     if key not in _SEEN:
-        _SEEN[key] = triton.compile(
-            ASTSource(fn=self, signature=sig, constexprs=consts), target=TARGET, options=options
-        )
+        try:
+            _SEEN[key] = triton.compile(
+                ASTSource(fn=self, signature=sig, constexprs=consts), target=TARGET, options=options
+            )
+        except Exception as exc:  # noqa: BLE001 - counted and reported; the other variants still compile
+            FAILED[key] = f"{LABEL[0]}: {self.fn.__name__} {options}: {type(exc).__name__}: {exc}"[:2000]
+            return
     LAUNCHES.append((f"{LABEL[0]} #{len(LAUNCHES)} {self.fn.__name__}", _SEEN[key]))
 
 
@@ -251,12 +259,15 @@ def main():
         counts[key[0]] = counts.get(key[0], 0) + 1
     for name, count in sorted(counts.items()):
         print(f"{name} {count}")
-    print(f"compiled {len(_SEEN)} variants in {len(LAUNCHES)} launches")
+    for why in FAILED.values():
+        print(f"FAILED {why}", file=sys.stderr)
+    print(f"compiled {len(_SEEN)} variants in {len(LAUNCHES)} launches; {len(FAILED)} failed")
     if args.stats:
         cache = {}
         out = {key: cache.setdefault(id(c), _stats(c)) for key, c in LAUNCHES}
         with open(args.stats, "w") as f:
             json.dump(out, f, indent=1)
+    return 1 if FAILED else 0
 
 
 if __name__ == "__main__":

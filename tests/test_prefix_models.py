@@ -7,6 +7,9 @@ checked against manual loops over that reference (greedy, sampling, beam search)
 whose prefix tuning ignores the prefix in generate().
 """
 
+import functools
+import inspect
+
 import pytest
 import torch
 import transformers
@@ -49,6 +52,12 @@ def left_padded_batch(seed=0, B=3, S=9):
     return ids, mask
 
 
+def cache_argument(model) -> str:
+    """The name under which the model's forward takes a cache: `cache` (transformers 5.24) or
+    `past_key_values` (5.17, whose **kwargs would swallow `cache` silently)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def reference_logits(model, prefixes, ids, mask, position_ids):
     """Logits of the unpatched model attending to `prefixes` through a P-token cache."""
     B = ids.shape[0]
@@ -57,7 +66,7 @@ def reference_logits(model, prefixes, ids, mask, position_ids):
         cache.update(k.expand(B, *k.shape).contiguous(), v.expand(B, *v.shape).contiguous(), layer)
     n_prefix = prefixes[0][0].shape[1]
     full_mask = torch.cat([torch.ones(B, n_prefix, dtype=mask.dtype, device=mask.device), mask], dim=1)
-    kwargs = dict(input_ids=ids, attention_mask=full_mask, cache=cache, use_cache=True)
+    kwargs = {"input_ids": ids, "attention_mask": full_mask, cache_argument(model): cache, "use_cache": True}
     if model.config.model_type == "bloom":
         from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
@@ -87,9 +96,22 @@ def generate_positions(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+@functools.cache
+def refused(family) -> bool:
+    """Whether this transformers refuses to route `family`'s attention through fastadapters' (GPT-J under
+    5.17): fa.apply then raises NotImplementedError (test_apply_switches_the_attention_or_refuses_clearly)."""
+    try:
+        fa.apply(tiny_model(family), fa.PrefixConfig(num_virtual_tokens=P))
+    except NotImplementedError:
+        return True
+    return False
+
+
 def patched(family, seed=0, boost=1.0, lively=False, **config):
     """A tiny model with a prefix. `boost` scales the prefix; `lively` draws the weights with std 0.3 (at
     the default 0.02 a tiny model's greedy output just repeats the last token, whatever the prefix)."""
+    if refused(family):
+        pytest.skip(f"transformers {transformers.__version__} cannot switch {family}'s attention at run time")
     model = tiny_model(family, seed=seed, **(dict(initializer_range=0.3) if lively else {}))
     fa.apply(model, fa.PrefixConfig(num_virtual_tokens=P, **config))
     with torch.no_grad():
@@ -115,6 +137,46 @@ def test_patched_logits_equal_concatenation_reference(family):
     assert_close(no_pad, ref[:1], F32, name=f"{family} logits without mask")
     base = model(input_ids=ids, attention_mask=mask).logits
     assert (out[keep] - base[keep]).abs().max() > 1e-2, "the prefix must change the output"
+
+
+@pytest.mark.parametrize("family", FAMILIES + EXTRA_FAMILIES)
+def test_apply_switches_the_attention_or_refuses_clearly(family):
+    """After fa.apply the registry families' attention is fastadapters'; where transformers refuses to switch
+    it (GPT-J under 5.17 only logs a warning), apply raises and leaves the model as it was."""
+    model = tiny_model(family)
+    route = PREFIX_ATTENTION[model.config.model_type][1]
+    if refused(family):
+        with pytest.raises(NotImplementedError, match=f"model_type '{family}'.*transformers"):
+            fa.apply(model, fa.PrefixConfig(num_virtual_tokens=P))
+        assert model.config._attn_implementation != prefix_mod.ATTENTION_NAME
+        assert not hasattr(model, "fastadapters_config")
+        assert not [m for m in model.modules() if hasattr(m, prefix_mod.PREFIX_ATTR)]
+        return
+    fa.apply(model, fa.PrefixConfig(num_virtual_tokens=P))
+    if route == "registry":
+        assert model.config._attn_implementation == prefix_mod.ATTENTION_NAME
+    assert (
+        len([m for m in model.modules() if hasattr(m, prefix_mod.PREFIX_ATTR)])
+        == model.config.num_hidden_layers
+    )
+
+
+def test_a_refused_attention_switch_raises_and_undoes_apply(monkeypatch):
+    """A set_attn_implementation that does nothing (what transformers 5.17 does for GPT-J): apply must raise
+    a NotImplementedError naming the model type, and leave neither prefix nor switched config behind."""
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    previous = model.config._attn_implementation
+    monkeypatch.setattr(type(model), "set_attn_implementation", lambda self, name: None)
+    with pytest.raises(NotImplementedError, match="model_type 'llama'.*refused to switch"):
+        fa.apply(model, fa.PrefixConfig(num_virtual_tokens=P))
+    assert model.config._attn_implementation == previous
+    assert not [m for m in model.modules() if hasattr(m, prefix_mod.PREFIX_ATTR)]
+    assert not hasattr(model, "fastadapters_config")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)
 
 
 def test_projection_logits_and_fold():
