@@ -195,3 +195,223 @@ def test_trainer_callback_accelerates(tmp_path):
     trainer.train()
     assert sum(isinstance(m, AcceleratedLoraLinear) for m in model.modules()) == 10
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+
+
+# ------------------------------------------------------------------------------ drop-in fixes (issue 16)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the accelerated layers' calls of the fused op."""
+    from fastadapters import peft_accel
+
+    calls = []
+    real = peft_accel.ops.lora_linear
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(peft_accel.ops, "lora_linear", counted)
+    return calls
+
+
+def mlp_pair(config, dtype=torch.float32, seed=0):
+    """(accelerated, plain) PEFT models over one small MLP with a ReLU(inplace=True) after the LoRA layer."""
+    torch.manual_seed(seed)
+    base = torch.nn.Sequential(
+        torch.nn.Linear(8, 12), torch.nn.ReLU(inplace=True), torch.nn.Linear(12, 12), torch.nn.Linear(12, 3)
+    ).to(dtype)
+    plain = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    fast = fastadapters.accelerate(copy.deepcopy(plain), verbose=False)
+    return fast, plain
+
+
+def grads_of(model):
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (2, 5, 8)])
+def test_inplace_op_after_accelerated_layer_trains(shape, fused_calls):
+    fast, plain = mlp_pair(peft.LoraConfig(r=4, target_modules=["0", "2"]))
+    x = torch.randn(*shape)
+    fast(x).sum().backward()  # ReLU(inplace=True) right after layer "0" raised: the output was a view
+    plain(x).sum().backward()
+    assert len(fused_calls) == 2
+    g_fast, g_plain = grads_of(fast), grads_of(plain)
+    assert g_fast.keys() == g_plain.keys() and len(g_fast) == 4
+    for name, g in g_plain.items():
+        close(g_fast[name], g, "step", name)
+
+
+def test_inplace_add_on_accelerated_output():
+    fast, _ = mlp_pair(peft.LoraConfig(r=4, target_modules=["2"]))
+    layer = fast.base_model.model[2]
+    h = torch.randn(3, 12, requires_grad=True)
+    y = layer(h)
+    y += 1.0  # what PEFT's AdaLoRA does with the result of a LoRA layer under it (`result += ...`)
+    y.sum().backward()
+    assert h.grad is not None and torch.isfinite(h.grad).all()
+
+
+def test_hooks_on_base_and_lora_modules_run(fused_calls):
+    fast, plain = mlp_pair(peft.LoraConfig(r=4, target_modules=["0", "2"]))
+    x = torch.randn(4, 8)
+    seen = []
+    for model in (fast, plain):  # registered after accelerate
+        model.base_model.model[0].base_layer.register_forward_hook(lambda m, i, o: o * 2)
+        model.base_model.model[2].lora_A["default"].register_forward_hook(lambda m, i, o: seen.append(1))
+    close(fast(x), plain(x), "step", "hooked base layer doubles its output")
+    assert len(seen) == 2, "lora_A's hook fired in both models"
+    assert fused_calls == [], "both hooked layers left on PEFT's path"
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        fresh, _ = mlp_pair(peft.LoraConfig(r=4, target_modules=["0"]))
+        fresh(x)
+        assert fused_calls == [], "a global module hook sends every layer to PEFT's path"
+    finally:
+        handle.remove()
+    fresh(x)
+    assert len(fused_calls) == 1
+
+
+def test_hooks_present_at_accelerate_are_counted():
+    torch.manual_seed(0)
+    model = peft.get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)),
+        peft.LoraConfig(r=2, target_modules=["0", "1"]),
+    )
+    model.base_model.model[1].lora_B["default"].register_forward_pre_hook(lambda m, i: None)
+    fastadapters.accelerate(model, verbose=False)
+    assert "1 of the accelerated have forward hooks" in model.fastadapters_summary, model.fastadapters_summary
+
+
+def test_layerwise_input_dtype_casting_by_hooks():
+    # PEFT's own test of peft.helpers.disable_input_dtype_casting: an fp16 model whose hooks cast each
+    # module's parameters to fp32 for its call only; the input stays fp32.
+    from peft.helpers import disable_input_dtype_casting
+
+    def to_fp32(module, args):
+        for p in module.parameters(recurse=False):
+            p.data = p.data.float()
+
+    def to_fp16(module, args, out):
+        for p in module.parameters(recurse=False):
+            p.data = p.data.half()
+
+    outs = []
+    for accelerated in (True, False):
+        torch.manual_seed(0)
+        base = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Linear(20, 2))
+        model = peft.get_peft_model(base, peft.LoraConfig(target_modules=["0"])).to(torch.float16)
+        for module in model.modules():
+            if any(True for _ in module.parameters(recurse=False)):
+                module.register_forward_pre_hook(to_fp32)
+                module.register_forward_hook(to_fp16)
+        if accelerated:
+            fastadapters.accelerate(model, verbose=False)
+        x = torch.randn(4, 10)
+        with pytest.raises(RuntimeError, match=r"expected m.*1 and m.*2 to have the same dtype"):
+            model(x)
+        with disable_input_dtype_casting(model):
+            outs.append(model(x))
+    assert outs[0].dtype == torch.float32
+    close(outs[0], outs[1], "step", "layer-wise casting")
+
+
+def test_compiled_hotswap_tensor_scalings(fused_calls):
+    from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+    fast, plain = mlp_pair(peft.LoraConfig(r=4, lora_alpha=12, target_modules=["0", "2"]))
+    for model in (fast, plain):
+        prepare_model_for_compiled_hotswap(model, target_rank=6)
+    scaling = fast.base_model.model[0].scaling["default"]
+    assert isinstance(scaling, torch.Tensor) and scaling.dim() == 0
+    x = torch.randn(4, 8)
+    close(fast(x), plain(x), "step", "0-d tensor scalings, ranks padded to 6")
+    assert len(fused_calls) == 2
+
+
+def test_lora_over_loha_in_a_mixed_model_keeps_loha():
+    outs = []
+    for accelerated in (True, False):
+        torch.manual_seed(0)
+        base = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 3))
+        model = peft.get_peft_model(
+            base, peft.LoHaConfig(r=4, target_modules=["0"], init_weights=False), "loha", mixed=True
+        )
+        model.add_adapter("lora", peft.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+        model.set_adapter(["loha", "lora"])
+        if accelerated:
+            fastadapters.accelerate(model, verbose=False)
+            assert "base layer is another adapter layer (Linear)" in model.fastadapters_summary
+        outs.append(model(torch.arange(16.0).view(2, 8) / 16))
+        model.set_adapter(["lora"])
+        outs.append(model(torch.arange(16.0).view(2, 8) / 16))
+    close(outs[0], outs[2], "step", "LoRA over LoHa")
+    assert (outs[0] - outs[1]).abs().max() > 1e-3, "LoHa changes the output"
+
+
+def test_float64_model_matches_peft(fused_calls):
+    fast, plain = peft_pair("llama")
+    fastadapters.accelerate(fast.double(), verbose=False), plain.double()
+    inputs = batch()
+    out_fast, out_plain = fast(**inputs), plain(**inputs)
+    assert out_fast.logits.dtype == torch.float64 and len(fused_calls) == 10
+    close(out_fast.logits, out_plain.logits, "step", "float64 logits")
+    out_fast.loss.backward(), out_plain.loss.backward()
+    g_plain = grads_of(plain)
+    for name, g in grads_of(fast).items():
+        assert g.dtype == torch.float64
+        close(g, g_plain[name], "step", name)
+
+
+def test_repr_is_peft_s():
+    fast, plain = peft_pair("gpt2")
+    fastadapters.accelerate(fast, verbose=False)
+    assert repr(fast) == repr(plain)
+    assert repr(fast.base_model.model.transformer.h[0].attn.c_attn).startswith("lora.Linear(")
+
+
+def test_layers_added_later_are_accelerated(fused_calls):
+    fast, plain = mlp_pair(peft.LoraConfig(r=4, target_modules=["0"]))
+    config = peft.LoraConfig(r=2, target_modules=["2", "3"], init_lora_weights=False)
+    for model in (fast, plain):
+        model.add_adapter("later", config)  # new layers "2" and "3", and "0" gains an adapter
+        model.set_adapter("later")
+    fast.load_state_dict(plain.state_dict())
+    assert all(type(fast.base_model.model[i]) is AcceleratedLoraLinear for i in (0, 2, 3))
+    x = torch.randn(4, 8)
+    close(fast(x), plain(x), "step", "add_adapter after accelerate")
+    assert len(fused_calls) == 2  # "2" and "3"; "0" has no "later" adapter: PEFT's forward, base only
+    fastadapters.deaccelerate(fast)
+    fast.add_adapter("after_deaccelerate", peft.LoraConfig(r=2, target_modules=["3"]))
+    assert type(fast.base_model.model[3]) is not AcceleratedLoraLinear
+
+
+def test_inject_adapter_in_model_after_accelerate(fused_calls):
+    fast, plain = mlp_pair(peft.LoraConfig(r=4, target_modules=["0"]))
+    config = peft.LoraConfig(r=2, target_modules=["3"], init_lora_weights=False)
+    for model in (fast, plain):
+        peft.inject_adapter_in_model(config, model.base_model.model, adapter_name="injected")
+    fast.load_state_dict(plain.state_dict())
+    assert type(fast.base_model.model[3]) is AcceleratedLoraLinear
+    x = torch.randn(4, 8)
+    close(fast(x), plain(x), "step", "inject_adapter_in_model after accelerate")
+    assert len(fused_calls) == 1  # "3"; injecting made "injected" the active adapter, which "0" lacks
+
+
+def test_load_adapter_after_accelerate(tmp_path):
+    fast, plain = mlp_pair(peft.LoraConfig(r=4, target_modules=["0"]))
+    other, _ = mlp_pair(peft.LoraConfig(r=3, target_modules=["2", "3"], init_lora_weights=False), seed=1)
+    other.save_pretrained(tmp_path)
+    for model in (fast, plain):
+        model.load_adapter(tmp_path, adapter_name="loaded")
+        model.set_adapter("loaded")
+    assert type(fast.base_model.model[3]) is AcceleratedLoraLinear
+    x = torch.randn(4, 8)
+    close(fast(x), plain(x), "step", "load_adapter after accelerate")

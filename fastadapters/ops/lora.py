@@ -154,11 +154,23 @@ class TorchLora:
         return dx, dws, dbs, dlas, dlbs
 
 
+# float64 (as PEFT runs it) is served by the torch backend only; the kernels are for fp32/fp16/bf16.
+LORA_DTYPES = (*C.FLOAT_DTYPES, torch.float64)
+
+
+def _no_float64(reasons):
+    def why(device, dtype=None, **info) -> list[str]:
+        fp64 = ["float64 runs on the torch backend only"] if dtype == torch.float64 else []
+        return fp64 + reasons(device=device, dtype=dtype, **info)
+
+    return why
+
+
 IMPLEMENTATIONS = register(
     "lora_linear",
     {
-        "triton": Backend("triton", "fastadapters.kernels.lora", triton_reasons),
-        "cpu": Backend("cpu", "fastadapters.ops._cpu_lora", extension("cpu", "lora_forward")),
+        "triton": Backend("triton", "fastadapters.kernels.lora", _no_float64(triton_reasons)),
+        "cpu": Backend("cpu", "fastadapters.ops._cpu_lora", _no_float64(extension("cpu", "lora_forward"))),
         "torch": Backend("torch", TorchLora, no_reasons),
     },
 )
@@ -316,7 +328,7 @@ _lora_linear_op = LORA_LINEAR.custom
 
 def _check_member(i: int, x: Tensor, weight, bias, lora_a, lora_b, scale, grouped: bool):
     sfx = f"[{i}]" if grouped else ""
-    w = C.check_tensor(f"weight{sfx}", weight, ndim=2)
+    w = C.check_tensor(f"weight{sfx}", weight, ndim=2, dtypes=LORA_DTYPES)
     C.check_like(f"weight{sfx}", w, "x", x)
     d_out, d_in = w.shape
     if d_in != x.shape[-1]:
@@ -324,15 +336,15 @@ def _check_member(i: int, x: Tensor, weight, bias, lora_a, lora_b, scale, groupe
             f"weight{sfx} must have shape (d_out, {x.shape[-1]}) to match x, got {C.describe(w)}"
         )
     if bias is not None:
-        C.check_tensor(f"bias{sfx}", bias, ndim=1)
+        C.check_tensor(f"bias{sfx}", bias, ndim=1, dtypes=LORA_DTYPES)
         C.check_like(f"bias{sfx}", bias, "x", x)
         C.check_shape(f"bias{sfx}", bias, (d_out,), "d_out")
-    a = C.check_tensor(f"lora_a{sfx}", lora_a, ndim=2)
+    a = C.check_tensor(f"lora_a{sfx}", lora_a, ndim=2, dtypes=LORA_DTYPES)
     C.check_like(f"lora_a{sfx}", a, "x", x)
     if a.shape[0] < 1:
         raise ValueError(f"lora_a{sfx} must have rank >= 1 rows, got {C.describe(a)}")
     C.check_shape(f"lora_a{sfx}", a, (a.shape[0], d_in), "rank, d_in")
-    b = C.check_tensor(f"lora_b{sfx}", lora_b, ndim=2)
+    b = C.check_tensor(f"lora_b{sfx}", lora_b, ndim=2, dtypes=LORA_DTYPES)
     C.check_like(f"lora_b{sfx}", b, "x", x)
     C.check_shape(f"lora_b{sfx}", b, (d_out, a.shape[0]), "d_out, rank")
     return C.check_scale(f"scale{sfx}", scale)
@@ -353,7 +365,7 @@ def lora_linear(
     x: [..., d_in] (any leading dims, may be non-contiguous); weight: [d_out, d_in]; bias: [d_out] or None;
     lora_a: [r, d_in]; lora_b: [d_out, r]. All share x's dtype (fp32, fp16, bf16) and device.
     """
-    C.check_tensor("x", x, min_ndim=1)
+    C.check_tensor("x", x, min_ndim=1, dtypes=LORA_DTYPES)
     C.check_features("x", x)
     scale = _check_member(0, x, weight, bias, lora_a, lora_b, scale, grouped=False)
     p, seed = C.dropout_and_seed(dropout_p, training)
@@ -375,7 +387,7 @@ def lora_linear_grouped(
     x: [..., d_in]; weights[i]: [d_out_i, d_in]; biases[i]: [d_out_i] or None; lora_as[i]: [r_i, d_in];
     lora_bs[i]: [d_out_i, r_i]. One dropout mask is shared by the members (they share x).
     """
-    C.check_tensor("x", x, min_ndim=1)
+    C.check_tensor("x", x, min_ndim=1, dtypes=LORA_DTYPES)
     C.check_features("x", x)
     k = len(weights)
     if k == 0 or not all(len(v) == k for v in (biases, lora_as, lora_bs, scales)):
