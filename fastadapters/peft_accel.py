@@ -22,7 +22,6 @@ from fastadapters import ops
 from fastadapters.families import LINEAR_TYPES, base_weight
 from fastadapters.layers import compute_dtype
 
-
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -95,7 +94,7 @@ class AcceleratedLoraLinear(peft_lora.Linear):
         dropout = self.lora_dropout[name]
         dropout_p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         scale = self.scaling[name]
-        if isinstance(scale, torch.Tensor):  # peft.utils.hotswap.prepare_model_for_compiled_hotswap's 0-d scales
+        if isinstance(scale, torch.Tensor):  # 0-d, from peft.utils.hotswap.prepare_model_for_compiled_hotswap
             scale = scale.item()
         dtype = compute_dtype(x, base.weight)
         weight = base_weight(base)  # PEFT sets fan_in_fan_out exactly for Conv1D bases
