@@ -41,83 +41,143 @@ def _global_hooks() -> bool:
     )
 
 
-class AcceleratedLoraLinear(peft_lora.Linear):
-    """PEFT's lora.Linear with its vanilla-LoRA forward replaced by the fused op.
+def _scale(scale) -> float:
+    # A 0-d tensor after peft.utils.hotswap.prepare_model_for_compiled_hotswap.
+    return scale.item() if isinstance(scale, torch.Tensor) else scale
 
-    Each call checks, cheaply, that the fused op computes exactly what PEFT's forward would; otherwise (see
-    `_fused_adapter`) PEFT's own forward runs.
+
+class AcceleratedLoraLinear(peft_lora.Linear):
+    """PEFT's lora.Linear with its vanilla-LoRA forward replaced by the fastadapters ops.
+
+    One active adapter, or several (their A stacked, their scaled B side by side), runs through the fused
+    `lora_linear` op, in training too; `adapter_names` mixed batches run through `multi_lora_linear` when no
+    gradient is needed. Each call checks, cheaply, that the op computes exactly what PEFT's forward would
+    (see `_plan`); otherwise PEFT's own forward runs.
     """
 
     def _get_name(self) -> str:
         return "Linear"  # repr stays PEFT's `lora.Linear(...)`
 
-    def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
-        """The one adapter the fused op can run for this call, or None when PEFT's forward must: extra
-        arguments, adapters disabled or merged, several (or no) active adapters, DoRA or a LoRA variant, a
-        base layer that is itself an adapter layer (LoRA over LoHa/LoKr in a mixed model) or not a linear
-        layer, hooks the fused op would skip (on the base layer, lora_A, lora_B, the dropout, or global),
-        dtypes PEFT would not cast to one another, or operands on another device."""
-        if args or kwargs or self.disable_adapters or self.merged:
-            return None
-        active = [a for a in self.active_adapters if a in self.lora_A]
-        if len(active) != 1:
-            return None
-        name = active[0]
-        if name in self.lora_variant or self.use_dora.get(name, False):
+    def _usable(self, x: torch.Tensor, names) -> bool:
+        """Whether adapters `names` of this layer are plain LoRA the ops compute as PEFT does for input x:
+        no DoRA or LoRA variant, no hooks the ops would skip (on the base layer, lora_A, lora_B, the dropout,
+        or global), no live dropout unless one adapter runs, dtypes PEFT casts the same way, one device."""
+        for name in names:
+            if name in self.lora_variant or self.use_dora.get(name, False):
+                return False
+            lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            if _hooked(lora_a) or _hooked(lora_b) or _hooked(dropout):
+                return False
+            if not isinstance(dropout, (nn.Dropout, nn.Identity)):
+                return False
+            if len(names) > 1 and isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+                return False  # one dropout mask per adapter: the stacked op draws one
+            # x is cast to the adapter's dtype only while PEFT's input casting is enabled.
+            if x.dtype != lora_a.weight.dtype and not getattr(self, "cast_input_dtype_enabled", True):
+                return False
+            if lora_a.weight.device != x.device:
+                return False
+            scale = self.scaling[name]
+            if isinstance(scale, torch.Tensor) and (scale.numel() != 1 or torch.compiler.is_compiling()):
+                return False
+        return True
+
+    def _plan(self, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[str, list] | None:
+        """("stack", adapters) or ("mixed", adapter per batch row) for the ops, or None where PEFT's forward
+        must run: extra arguments, adapters disabled or merged (PEFT runs the base layer, unmerging first
+        where disabled), no active adapter here, a base layer that is itself an adapter layer (LoRA over
+        LoHa/LoKr in a mixed model) or not a linear layer, a base dtype PEFT would not accept, hooks, a mixed
+        batch that needs a gradient, or adapters `_usable` refuses."""
+        if args or self.disable_adapters or self.merged:
             return None
         base = self.base_layer
         if type(base) not in LINEAR_TYPES or not base.weight.dtype.is_floating_point:
             return None
-        lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        if _hooked(base) or _hooked(lora_a) or _hooked(lora_b) or _hooked(dropout) or _global_hooks():
+        if _hooked(base) or _global_hooks() or x.device != base.weight.device:
             return None
-        if not isinstance(dropout, (nn.Dropout, nn.Identity)):
-            return None
-        # PEFT: base_layer(x) needs x in the base weight's dtype (or autocast); x is cast to the adapter's
-        # dtype only while input casting is enabled.
+        # PEFT's base_layer(x) needs x in the base weight's dtype (or autocast).
         if x.dtype != base.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             return None
-        if x.dtype != lora_a.weight.dtype and not getattr(self, "cast_input_dtype_enabled", True):
+        names = kwargs.get("adapter_names")
+        if names is not None:
+            if len(kwargs) > 1 or x.dim() < 2 or len(names) != x.shape[0]:
+                return None  # PEFT's forward raises its own error for a length mismatch
+            present = sorted({n for n in names if n in self.lora_A})
+            if not present or not self._usable(x, present):
+                return None
+            if any(self.lora_B[n].bias is not None for n in present):
+                return None
+            if torch.is_grad_enabled() and (
+                x.requires_grad or any(p.requires_grad for p in self.parameters())
+            ):
+                return None  # multi_lora_linear is inference-only
+            if any(isinstance(d, nn.Dropout) and d.training and d.p > 0 for d in self.lora_dropout.values()):
+                return None
+            return "mixed", list(names)
+        if kwargs:
             return None
-        if x.device != base.weight.device or x.device != lora_a.weight.device:
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if not active or not self._usable(x, active):
             return None
-        scale = self.scaling[name]
-        if isinstance(scale, torch.Tensor) and (scale.numel() != 1 or torch.compiler.is_compiling()):
-            return None
-        return name
+        return "stack", active
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = self._fused_adapter(x, args, kwargs)
-        if name is None:
+        plan = self._plan(x, args, kwargs)
+        if plan is None:
             return super().forward(x, *args, **kwargs)
+        kind, names = plan
         base = self.base_layer
-        dropout = self.lora_dropout[name]
-        dropout_p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        scale = self.scaling[name]
-        if isinstance(scale, torch.Tensor):  # 0-d, from peft.utils.hotswap.prepare_model_for_compiled_hotswap
-            scale = scale.item()
         dtype = compute_dtype(x, base.weight)
-        weight = base_weight(base)  # PEFT sets fan_in_fan_out exactly for Conv1D bases
+        weight = base_weight(base).to(dtype)  # PEFT sets fan_in_fan_out exactly for Conv1D bases
         bias = None if base.bias is None else base.bias.to(dtype)
-        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        if kind == "mixed":
+            return self._mixed(x.to(dtype), weight, bias, names)
+        if len(names) == 1:
+            name = names[0]
+            lora_a, lora_b, scale = (
+                self.lora_A[name].weight,
+                self.lora_B[name].weight,
+                _scale(self.scaling[name]),
+            )
+        else:  # Σ s_i (x A_iᵀ) B_iᵀ = (x [A_1; A_2; …]ᵀ) [s_1 B_1, s_2 B_2, …]ᵀ, one fused call
+            lora_a = torch.cat([self.lora_A[n].weight.to(dtype) for n in names])
+            lora_b = torch.cat([self.lora_B[n].weight.to(dtype) * _scale(self.scaling[n]) for n in names], 1)
+            scale = 1.0
+        dropout = self.lora_dropout[names[0]]
         y = ops.lora_linear(
             x.to(dtype),
-            weight.to(dtype),
+            weight,
             bias,
-            lora_a.weight.to(dtype),
-            lora_b.weight.to(dtype),
+            lora_a.to(dtype),
+            lora_b.to(dtype),
             scale,
-            dropout_p,
+            dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
             dropout.training,
         )
-        if lora_b.bias is not None:  # PEFT's lora_bias=True
-            y = y + scale * lora_b.bias.to(dtype)
+        for name in names:
+            lora_bias = self.lora_B[name].bias
+            if lora_bias is not None:  # PEFT's lora_bias=True
+                y = y + _scale(self.scaling[name]) * lora_bias.to(dtype)
         return y
+
+    def _mixed(self, x, weight, bias, names: list) -> torch.Tensor:
+        """PEFT's `adapter_names` batch (row i uses adapter names[i]; "__base__" or an adapter this layer
+        lacks: the base layer only) through multi_lora_linear."""
+        present = sorted({n for n in names if n in self.lora_A})
+        index = {n: i for i, n in enumerate(present)}
+        ids = torch.tensor([index.get(n, -1) for n in names], device=x.device)
+        ids = ids.view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
+        dtype = x.dtype
+        bank_a = torch.cat([self.lora_A[n].weight.to(dtype) for n in present])
+        bank_b = torch.cat([self.lora_B[n].weight.to(dtype).T for n in present])
+        ranks = [self.lora_A[n].weight.shape[0] for n in present]
+        scales = [float(_scale(self.scaling[n])) for n in present]
+        return ops.multi_lora_linear(x, weight, bias, bank_a, bank_b, ranks, scales, ids)
 
 
 def _why_not(module: nn.Module) -> str | None:
     """Why a PEFT tuner layer cannot be accelerated, or None if it can (its calls may still take PEFT's
-    path; see AcceleratedLoraLinear._fused_adapter)."""
+    path; see AcceleratedLoraLinear._plan)."""
     if type(module) not in (peft_lora.Linear, AcceleratedLoraLinear):
         cls = type(module)
         if "bnb" in cls.__module__ or "Linear8bit" in cls.__name__ or "Linear4bit" in cls.__name__:

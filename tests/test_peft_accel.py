@@ -415,3 +415,46 @@ def test_load_adapter_after_accelerate(tmp_path):
     assert type(fast.base_model.model[3]) is AcceleratedLoraLinear
     x = torch.randn(4, 8)
     close(fast(x), plain(x), "step", "load_adapter after accelerate")
+
+
+def two_adapter_pair():
+    fast, plain = mlp_pair(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2", "3"]))
+    config = peft.LoraConfig(r=3, lora_alpha=9, target_modules=["0", "3"], init_lora_weights=False)
+    for model in (fast, plain):
+        model.add_adapter("other", config)
+    fast.load_state_dict(plain.state_dict())
+    return fast, plain
+
+
+def test_several_active_adapters_run_fused_with_gradients(fused_calls):
+    fast, plain = two_adapter_pair()
+    for model in (fast, plain):
+        model.base_model.set_adapter(["default", "other"])
+        model.train()
+    x = torch.randn(2, 3, 8)
+    out_fast, out_plain = fast(x), plain(x)
+    close(out_fast, out_plain, "step", "two active adapters")
+    assert len(fused_calls) == 3  # "0" and "3" with both adapters, "2" with "default" alone
+    out_fast.square().sum().backward(), out_plain.square().sum().backward()
+    g_fast, g_plain = grads_of(fast), grads_of(plain)
+    assert g_fast.keys() == g_plain.keys() and any("other" in n for n in g_fast)
+    for name, g in g_plain.items():
+        close(g_fast[name], g, "step", name)
+
+
+def test_adapter_names_batch_runs_multi_lora_in_inference(monkeypatch):
+    from fastadapters import peft_accel
+
+    calls = []
+    real = peft_accel.ops.multi_lora_linear
+    monkeypatch.setattr(peft_accel.ops, "multi_lora_linear", lambda *a: calls.append(1) or real(*a))
+    fast, plain = two_adapter_pair()
+    fast.eval(), plain.eval()
+    x = torch.randn(5, 7, 8)
+    names = ["other", "__base__", "default", "other", "default"]
+    with torch.no_grad():
+        close(fast(x, adapter_names=names), plain(x, adapter_names=names), "step", "adapter_names batch")
+    assert len(calls) == 3
+    # with gradients the layer stays on PEFT's path (the multi-adapter op has no backward)
+    close(fast(x, adapter_names=names), plain(x, adapter_names=names), "step", "adapter_names, grad on")
+    assert len(calls) == 3
