@@ -6,7 +6,9 @@
 # usage: scripts/peft_suite.sh [EVERY]
 #   EVERY   run every EVERY-th selected test (default 4; 1 = all of them, a few hours on 2 cores)
 # env: PYTHON (default .venv/bin/python), WORKERS (pytest-xdist workers, default 2), TIMEOUT (s per test,
-#      default 300), FA_SUITE_CACHE (default ~/.cache/fastadapters-peft-suite), FA_SUITE_FILES (the test files)
+#      default 300), FA_SUITE_CACHE (default ~/.cache/fastadapters-peft-suite), FA_SUITE_FILES (the test files),
+#      FA_SUITE_PLAIN (a previous run's plain/ folder with the same EVERY and files: its outcomes are reused,
+#      since the plain run does not depend on fastadapters)
 #
 # PEFT's source distribution comes from the package registry (pip download, for the installed peft
 # version) into the cache folder, outside the tree. PEFT's tests import a few packages fastadapters does not
@@ -48,7 +50,12 @@ FILES=${FA_SUITE_FILES:-"tests/test_custom_models.py tests/test_mixed.py tests/t
 STAMP=$(date -u +%Y-%m-%d_%H%M)
 WORK=$CACHE/runs/$STAMP
 mkdir -p "$WORK" bench/results
-for MODE in plain accelerated; do
+MODES="plain accelerated"
+if [ -n "${FA_SUITE_PLAIN:-}" ]; then
+  mkdir -p "$WORK/plain" && cp "$FA_SUITE_PLAIN/outcomes.json" "$WORK/plain/"
+  MODES=accelerated
+fi
+for MODE in $MODES; do
   echo "peft_suite.sh: $MODE run (every $EVERY-th LoRA test, $WORKERS workers)" >&2
   (cd "$SRC" && FA_SUITE_MODE=$MODE FA_SUITE_OUT=$WORK/$MODE FA_SUITE_EVERY=$EVERY HF_HUB_OFFLINE=1 \
     PYTHONPATH=$ROOT/scripts:$DEPS nice -n 10 "$PYTHON" -m pytest $FILES -k lora -p peft_suite_plugin \
