@@ -14,6 +14,7 @@ from collections import Counter
 
 import torch
 from peft.tuners.lora import layer as peft_lora
+from peft.tuners.lora.variants import DoraLinearVariant
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers import TrainerCallback
@@ -63,7 +64,7 @@ class AcceleratedLoraLinear(peft_lora.Linear):
         no DoRA or LoRA variant, no hooks the ops would skip (on the base layer, lora_A, lora_B, the dropout,
         or global), no live dropout unless one adapter runs, dtypes PEFT casts the same way, one device."""
         for name in names:
-            if name in self.lora_variant or self.use_dora.get(name, False):
+            if name in self.lora_variant and not self._dora(name, len(names)):
                 return False
             lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
             if _hooked(lora_a) or _hooked(lora_b) or _hooked(dropout):
@@ -81,6 +82,17 @@ class AcceleratedLoraLinear(peft_lora.Linear):
             if isinstance(scale, torch.Tensor) and (scale.numel() != 1 or torch.compiler.is_compiling()):
                 return False
         return True
+
+    def _dora(self, name: str, adapters: int) -> bool:
+        """Whether adapter `name` is DoRA that dora_linear computes as PEFT does: alone, without lora_bias,
+        and without live dropout (PEFT's DoRA then recomputes the base product on the dropped input)."""
+        dropout = self.lora_dropout[name]
+        return (
+            isinstance(self.lora_variant[name], DoraLinearVariant)
+            and adapters == 1
+            and self.lora_B[name].bias is None
+            and (isinstance(dropout, nn.Identity) or not self.training)
+        )
 
     def _plan(self, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[str, list] | None:
         """("stack", adapters) or ("mixed", adapter per batch row) for the ops, or None where PEFT's forward
@@ -103,8 +115,8 @@ class AcceleratedLoraLinear(peft_lora.Linear):
             if len(kwargs) > 1 or x.dim() < 2 or len(names) != x.shape[0]:
                 return None  # PEFT's forward raises its own error for a length mismatch
             present = sorted({n for n in names if n in self.lora_A})
-            if not present or not self._usable(x, present):
-                return None
+            if not present or any(n in self.lora_variant for n in present) or not self._usable(x, present):
+                return None  # (PEFT refuses DoRA in mixed batches)
             if any(self.lora_B[n].bias is not None for n in present):
                 return None
             if torch.is_grad_enabled() and (
@@ -132,13 +144,20 @@ class AcceleratedLoraLinear(peft_lora.Linear):
         bias = None if base.bias is None else base.bias.to(dtype)
         if kind == "mixed":
             return self._mixed(x.to(dtype), weight, bias, names)
-        if len(names) == 1:
+        if names[0] in self.lora_variant:  # DoRA (see _dora)
             name = names[0]
-            lora_a, lora_b, scale = (
-                self.lora_A[name].weight,
-                self.lora_B[name].weight,
+            return ops.dora_linear(
+                x.to(dtype),
+                weight,
+                bias,
+                self.lora_A[name].weight.to(dtype),
+                self.lora_B[name].weight.to(dtype),
+                self.lora_magnitude_vector[name].weight.to(dtype),
                 _scale(self.scaling[name]),
             )
+        if len(names) == 1:
+            lora_a, lora_b = self.lora_A[names[0]].weight, self.lora_B[names[0]].weight
+            scale = _scale(self.scaling[names[0]])
         else:  # Σ s_i (x A_iᵀ) B_iᵀ = (x [A_1; A_2; …]ᵀ) [s_1 B_1, s_2 B_2, …]ᵀ, one fused call
             lora_a = torch.cat([self.lora_A[n].weight.to(dtype) for n in names])
             lora_b = torch.cat([self.lora_B[n].weight.to(dtype) * _scale(self.scaling[n]) for n in names], 1)
@@ -183,12 +202,9 @@ def _why_not(module: nn.Module) -> str | None:
         if "bnb" in cls.__module__ or "Linear8bit" in cls.__name__ or "Linear4bit" in cls.__name__:
             return "quantised base layer (bitsandbytes)"
         return f"not a LoRA Linear ({cls.__module__.removeprefix('peft.tuners.')}.{cls.__name__})"
-    if module.use_dora and all(module.use_dora.get(a, False) for a in module.lora_A):
-        return "DoRA"
-    if module.lora_variant and all(a in module.lora_variant for a in module.lora_A):
-        return (
-            "LoRA variant (" + ", ".join(sorted(type(v).__name__ for v in module.lora_variant.values())) + ")"
-        )
+    variants = {a: v for a, v in module.lora_variant.items() if not isinstance(v, DoraLinearVariant)}
+    if variants and all(a in variants for a in module.lora_A):
+        return "LoRA variant (" + ", ".join(sorted(type(v).__name__ for v in variants.values())) + ")"
     if isinstance(module.base_layer, BaseTunerLayer):
         return f"base layer is another adapter layer ({type(module.base_layer).__name__})"
     base = module.base_layer

@@ -32,6 +32,28 @@ def lora_linear(
     return y.to(x.dtype)
 
 
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    magnitude: Tensor,
+    scale: float,
+) -> Tensor:
+    """y = m / ‖W + scale · B A‖_row ⊙ (x (W + scale · B A)ᵀ) + b, the merged weight formed (DoRA).
+
+    x: [..., d_in]; weight: [d_out, d_in]; bias: [d_out] or None; lora_a: [r, d_in]; lora_b: [d_out, r];
+    magnitude: [d_out]. The norm is detached, as in the DoRA paper (section 4.3) and PEFT.
+    """
+    merged = weight.float() + scale * (lora_b.float() @ lora_a.float())
+    norm = torch.linalg.norm(merged, dim=1).detach()
+    y = (x.float() @ merged.T) * (magnitude.float() / norm)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 def prefix_attention(
     q: Tensor,
     k: Tensor,

@@ -146,10 +146,10 @@ def test_summary_is_honest_for_mixed_models():
     model.add_adapter("dora", peft.LoraConfig(r=4, target_modules=["k_proj"], use_dora=True))
     fastadapters.accelerate(model, verbose=False)
     summary = model.fastadapters_summary
-    # 2 layers x (q_proj, v_proj) accelerated; 2 k_proj with DoRA and the embedding left on PEFT.
-    assert summary.startswith("fastadapters.accelerate: 4 LoRA layers accelerated, 3 left on PEFT"), summary
-    assert "2: DoRA" in summary and "1: not a LoRA Linear (lora.layer.Embedding)" in summary, summary
-    assert sum(isinstance(m, AcceleratedLoraLinear) for m in model.modules()) == 4
+    # 2 layers x (q_proj, v_proj, k_proj with DoRA) accelerated; the embedding left on PEFT.
+    assert summary.startswith("fastadapters.accelerate: 6 LoRA layers accelerated, 1 left on PEFT"), summary
+    assert "1: not a LoRA Linear (lora.layer.Embedding)" in summary, summary
+    assert sum(isinstance(m, AcceleratedLoraLinear) for m in model.modules()) == 6
 
 
 def test_nothing_accelerated_is_said(capsys):
@@ -458,3 +458,59 @@ def test_adapter_names_batch_runs_multi_lora_in_inference(monkeypatch):
     # with gradients the layer stays on PEFT's path (the multi-adapter op has no backward)
     close(fast(x, adapter_names=names), plain(x, adapter_names=names), "step", "adapter_names, grad on")
     assert len(calls) == 3
+
+
+DORA_TARGETS = {
+    "llama": ["q_proj", "v_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_fc"],
+    "bloom": ["dense_4h_to_h"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(DORA_TARGETS))
+def test_dora_logits_and_grads_match_peft(family, monkeypatch):
+    from fastadapters import peft_accel
+
+    calls = []
+    real = peft_accel.ops.dora_linear
+    monkeypatch.setattr(peft_accel.ops, "dora_linear", lambda *a: calls.append(1) or real(*a))
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True, target_modules=DORA_TARGETS[family]
+    )
+    plain = peft.get_peft_model(tiny_model(family), config)
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if "lora_B" in name or "lora_magnitude_vector" in name:
+                p.add_(torch.randn_like(p) * 0.1)  # B != 0 and m != ‖W‖: both terms of DoRA matter
+    fast = fastadapters.accelerate(copy.deepcopy(plain), verbose=False)
+    inputs = batch()
+    out_fast, out_plain = fast(**inputs), plain(**inputs)
+    assert len(calls) == 2 * len(DORA_TARGETS[family])
+    close(out_fast.logits, out_plain.logits, "step", "DoRA logits")
+    out_fast.loss.backward(), out_plain.loss.backward()
+    g_plain = grads_of(plain)
+    assert any("lora_magnitude_vector" in n for n in g_plain)
+    for name, g in grads_of(fast).items():
+        close(g, g_plain[name], "step", f"DoRA grad of {name}")
+
+
+def test_dora_ops_match_reference():
+    from fastadapters import reference
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 37, requires_grad=True)
+    w, bias = torch.randn(29, 37), torch.randn(29)
+    a, b = torch.randn(3, 37, requires_grad=True), torch.randn(29, 3, requires_grad=True)
+    m = torch.rand(29, requires_grad=True) + 0.5
+    norm = fastadapters.ops.lora_weight_norm(w, a, b, 0.7)
+    close(norm, torch.linalg.norm(w + 0.7 * b @ a, dim=1), "step", "norm without the merged weight")
+    assert not norm.requires_grad
+    y = fastadapters.ops.dora_linear(x, w, bias, a, b, m, 0.7)
+    ref = reference.dora_linear(x, w, bias, a, b, m, 0.7)
+    close(y, ref, "step", "dora_linear")
+    grads = torch.autograd.grad(y.square().sum(), (x, a, b, m))
+    grads_ref = torch.autograd.grad(ref.square().sum(), (x, a, b, m))
+    for name, g, g_ref in zip("x a b m".split(), grads, grads_ref):
+        close(g, g_ref, "step", f"d{name}")
+    with pytest.raises(ValueError, match=r"magnitude must have shape \(29,\) \(d_out\)"):
+        fastadapters.ops.dora_linear(x, w, bias, a, b, m[:5], 0.7)

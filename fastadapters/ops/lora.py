@@ -410,3 +410,45 @@ def lora_dropout_mask(shape, dropout_p: float, seed: int, device, dtype=torch.fl
         .module()
         .dropout_mask(shape, dropout_p, seed, device)
     )
+
+
+def lora_weight_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
+    """‖W_i + scale · (B A)_i‖ for each output row i, without forming W + scale · B A; no gradient (DoRA).
+
+    weight: [d_out, d_in]; lora_a: [r, d_in]; lora_b: [d_out, r] -> [d_out] in weight's dtype. Expands
+    ‖W_i‖² + 2s B_i·(W Aᵀ)_i + s² B_i (A Aᵀ) B_iᵀ: one [d_out, r] product with W instead of a [d_out, d_in]
+    temporary, accumulated in fp32 (fp64 for fp64 weights).
+    """
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        wa = (weight @ lora_a.to(weight.dtype).T).to(acc)
+        a, b = lora_a.to(acc), lora_b.to(acc)
+        sq = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square_()
+        sq.add_((b * wa).sum(1), alpha=2 * scale).add_(((b @ (a @ a.T)) * b).sum(1), alpha=scale * scale)
+        return sq.clamp_(min=0).sqrt_().to(weight.dtype)
+
+
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    magnitude: Tensor,
+    scale: float,
+) -> Tensor:
+    """y = m / ‖W + scale · B A‖_row ⊙ (x Wᵀ + scale · (x Aᵀ) Bᵀ) + b: DoRA, the norm constant to autograd.
+
+    x: [..., d_in]; weight: [d_out, d_in]; bias: [d_out] or None; lora_a: [r, d_in]; lora_b: [d_out, r];
+    magnitude: [d_out]. All share x's dtype and device. The fused lora_linear op computes the directional
+    part; the norm comes from lora_weight_norm (the merged weight is never formed).
+    """
+    C.check_tensor("x", x, min_ndim=1, dtypes=LORA_DTYPES)
+    C.check_features("x", x)
+    scale = _check_member(0, x, weight, bias, lora_a, lora_b, scale, grouped=False)
+    C.check_tensor("magnitude", magnitude, ndim=1, dtypes=LORA_DTYPES)
+    C.check_like("magnitude", magnitude, "x", x)
+    C.check_shape("magnitude", magnitude, (weight.shape[0],), "d_out")
+    y = LORA_LINEAR(x, [weight], _biases([None], x), [lora_a], [lora_b], [scale], 0.0, None)[0][0]
+    y = y * (magnitude / lora_weight_norm(weight, lora_a, lora_b, scale))
+    return y if bias is None else y + bias
