@@ -194,14 +194,77 @@ class AcceleratedLoraLinear(peft_lora.Linear):
         return ops.multi_lora_linear(x, weight, bias, bank_a, bank_b, ranks, scales, ids)
 
 
+class AcceleratedLoraEmbedding(peft_lora.Embedding):
+    """PEFT's lora.Embedding with its LoRA forward run by the `lora_embedding` op (one active adapter, or
+    several stacked), in training too; other calls (see `_plan`) take PEFT's forward."""
+
+    def _get_name(self) -> str:
+        return "Embedding"  # repr stays PEFT's `lora.Embedding(...)`
+
+    def _plan(self, x: torch.Tensor, args: tuple, kwargs: dict) -> list | None:
+        """The active adapters the op runs, or None where PEFT's forward must: extra arguments or
+        `adapter_names`, adapters disabled or merged, a base that is not a plain nn.Embedding (a scaled
+        embedding, max_norm, scale_grad_by_freq, sparse gradients), hooks, LoRA variants (DoRA), tensor
+        parallel input/output functions, or operands on another device."""
+        if args or kwargs or self.disable_adapters or self.merged:
+            return None
+        base = self.base_layer
+        if type(base) is not nn.Embedding or not base.weight.dtype.is_floating_point:
+            return None
+        if base.max_norm is not None or base.scale_grad_by_freq or base.sparse:
+            return None
+        if _hooked(base) or _global_hooks() or x.dtype not in (torch.int32, torch.int64):
+            return None
+        if x.device != base.weight.device:
+            return None
+        active = [a for a in self.active_adapters if a in self.lora_embedding_A]
+        for name in active:
+            if name in self.lora_variant or self.input_fns.get(name) or self.output_fns.get(name):
+                return None
+            if self.lora_embedding_A[name].device != x.device:
+                return None
+            scale = self.scaling[name]
+            if isinstance(scale, torch.Tensor) and (scale.numel() != 1 or torch.compiler.is_compiling()):
+                return None
+        return active or None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = self._plan(x, args, kwargs)
+        if names is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        dtype = base.weight.dtype
+        if len(names) == 1:
+            lora_a, lora_b = self.lora_embedding_A[names[0]], self.lora_embedding_B[names[0]]
+            scale = _scale(self.scaling[names[0]])
+        else:  # stacked as in AcceleratedLoraLinear
+            lora_a = torch.cat([self.lora_embedding_A[n].to(dtype) for n in names])
+            lora_b = torch.cat(
+                [self.lora_embedding_B[n].to(dtype) * _scale(self.scaling[n]) for n in names], 1
+            )
+            scale = 1.0
+        return ops.lora_embedding(x, base.weight, lora_a.to(dtype), lora_b.to(dtype), scale, base.padding_idx)
+
+
+# PEFT's layer classes and their accelerated subclasses.
+_ACCELERATED = {peft_lora.Linear: AcceleratedLoraLinear, peft_lora.Embedding: AcceleratedLoraEmbedding}
+
+
 def _why_not(module: nn.Module) -> str | None:
     """Why a PEFT tuner layer cannot be accelerated, or None if it can (its calls may still take PEFT's
     path; see AcceleratedLoraLinear._plan)."""
-    if type(module) not in (peft_lora.Linear, AcceleratedLoraLinear):
-        cls = type(module)
+    cls = type(module)
+    if cls not in _ACCELERATED and cls not in _ACCELERATED.values():
         if "bnb" in cls.__module__ or "Linear8bit" in cls.__name__ or "Linear4bit" in cls.__name__:
             return "quantised base layer (bitsandbytes)"
-        return f"not a LoRA Linear ({cls.__module__.removeprefix('peft.tuners.')}.{cls.__name__})"
+        return (
+            f"not a LoRA Linear or Embedding ({cls.__module__.removeprefix('peft.tuners.')}.{cls.__name__})"
+        )
+    if issubclass(cls, peft_lora.Embedding):
+        base = module.base_layer
+        return (
+            None if type(base) is nn.Embedding else f"base layer is {type(base).__name__}, not nn.Embedding"
+        )
     variants = {a: v for a, v in module.lora_variant.items() if not isinstance(v, DoraLinearVariant)}
     if variants and all(a in variants for a in module.lora_A):
         return "LoRA variant (" + ", ".join(sorted(type(v).__name__ for v in variants.values())) + ")"
@@ -230,7 +293,7 @@ def _swap(peft_model: nn.Module) -> str:
             continue
         reason = _why_not(module)
         if reason is None:
-            module.__class__ = AcceleratedLoraLinear
+            module.__class__ = _ACCELERATED.get(type(module), type(module))
             accelerated += 1
             lora = [m for a in module.lora_A for m in (module.lora_A[a], module.lora_B[a])]
             hooked += any(_hooked(m) for m in (module.base_layer, *lora))
@@ -302,11 +365,11 @@ def accelerate(peft_model: nn.Module, verbose: bool = True) -> nn.Module:
 
 
 def deaccelerate(peft_model: nn.Module) -> nn.Module:
-    """Undoes `accelerate`: every layer goes back to PEFT's own lora.Linear; later layers stay PEFT's."""
+    """Undoes `accelerate`: every layer goes back to PEFT's own class; layers added later stay PEFT's."""
     _mark(peft_model, False)
     for module in peft_model.modules():
-        if type(module) is AcceleratedLoraLinear:
-            module.__class__ = peft_lora.Linear
+        if type(module) in _ACCELERATED.values():
+            module.__class__ = type(module).__mro__[1]
     peft_model.__dict__.pop("fastadapters_summary", None)
     return peft_model
 

@@ -54,6 +54,19 @@ def dora_linear(
     return y.to(x.dtype)
 
 
+def lora_embedding(
+    ids: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, padding_idx: int | None = None
+) -> Tensor:
+    """y = W[ids] + scale · Aᵀ[ids] Bᵀ (fp64 stays fp64).
+
+    ids: integers, any shape; weight: [V, d]; lora_a: [r, V]; lora_b: [d, r].
+    """
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    y = torch.nn.functional.embedding(ids, weight.to(acc), padding_idx=padding_idx)
+    t = torch.nn.functional.embedding(ids, lora_a.to(acc).T, padding_idx=padding_idx)
+    return (y + scale * (t @ lora_b.to(acc).T)).to(weight.dtype)
+
+
 def prefix_attention(
     q: Tensor,
     k: Tensor,

@@ -144,11 +144,12 @@ def test_summary_is_honest_for_mixed_models():
         peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], lora_dropout=0.0),
     )
     model.add_adapter("dora", peft.LoraConfig(r=4, target_modules=["k_proj"], use_dora=True))
+    model.add_adapter("alora", peft.LoraConfig(r=4, target_modules=["o_proj"], alora_invocation_tokens=[5]))
     fastadapters.accelerate(model, verbose=False)
     summary = model.fastadapters_summary
-    # 2 layers x (q_proj, v_proj, k_proj with DoRA) accelerated; the embedding left on PEFT.
-    assert summary.startswith("fastadapters.accelerate: 6 LoRA layers accelerated, 1 left on PEFT"), summary
-    assert "1: not a LoRA Linear (lora.layer.Embedding)" in summary, summary
+    # 2 layers x (q_proj, v_proj, k_proj with DoRA) and the embedding accelerated; aLoRA left on PEFT.
+    assert summary.startswith("fastadapters.accelerate: 7 LoRA layers accelerated, 2 left on PEFT"), summary
+    assert "2: LoRA variant (ALoraLinearVariant)" in summary, summary
     assert sum(isinstance(m, AcceleratedLoraLinear) for m in model.modules()) == 6
 
 
@@ -514,3 +515,33 @@ def test_dora_ops_match_reference():
         close(g, g_ref, "step", f"d{name}")
     with pytest.raises(ValueError, match=r"magnitude must have shape \(29,\) \(d_out\)"):
         fastadapters.ops.dora_linear(x, w, bias, a, b, m[:5], 0.7)
+
+
+def test_embedding_lora_matches_peft(monkeypatch):
+    from fastadapters import peft_accel
+
+    calls = []
+    real = peft_accel.ops.lora_embedding
+    monkeypatch.setattr(peft_accel.ops, "lora_embedding", lambda *a: calls.append(1) or real(*a))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    plain = peft.get_peft_model(tiny_model("llama"), config)
+    plain.add_adapter("other", peft.LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if "lora_embedding_B" in name:
+                p.normal_(0, 0.2)
+    fast = fastadapters.accelerate(copy.deepcopy(plain), verbose=False)
+    embed = fast.base_model.model.model.embed_tokens
+    assert type(embed).__name__ == "AcceleratedLoraEmbedding" and repr(embed).startswith("lora.Embedding(")
+    inputs = batch()
+    for active in (["default"], ["default", "other"]):
+        fast.base_model.set_adapter(active), plain.base_model.set_adapter(active)
+        fast.zero_grad(), plain.zero_grad()
+        out_fast, out_plain = fast(**inputs), plain(**inputs)
+        close(out_fast.logits, out_plain.logits, "step", f"embedding LoRA, active {active}")
+        out_fast.loss.backward(), out_plain.loss.backward()
+        g_plain = grads_of(plain)
+        assert any("lora_embedding_A" in n for n in g_plain)
+        for name, g in grads_of(fast).items():
+            close(g, g_plain[name], "step", f"grad of {name}")
+    assert len(calls) == 2

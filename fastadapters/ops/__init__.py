@@ -12,6 +12,7 @@ from fastadapters.ops.lora import (
     lora_linear_grouped,
     lora_weight_norm,
 )
+from fastadapters.ops.lora_embedding import lora_embedding
 from fastadapters.ops.multi_bottleneck import multi_bottleneck_adapter
 from fastadapters.ops.multi_lora import multi_lora_linear, multi_lora_linear_grouped
 from fastadapters.ops.prefix_attention import prefix_attention
@@ -26,6 +27,7 @@ __all__ = [
     "lora_dropout_mask",
     "dora_linear",
     "lora_weight_norm",
+    "lora_embedding",
 ]
 __all__ += ["bottleneck_adapter", "bottleneck_dropout_mask"]
 __all__ += ["multi_lora_linear", "multi_lora_linear_grouped", "adapter_schedule", "AdapterSchedule"]
