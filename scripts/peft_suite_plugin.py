@@ -23,7 +23,9 @@ EVERY = int(os.environ.get("FA_SUITE_EVERY", "1"))
 
 _outcomes: dict[str, str] = {}
 # layer type -> {"calls": n, "fused": n, "unfused_why": {reason: n}}
-_counts: dict = collections.defaultdict(lambda: {"calls": 0, "fused": 0, "unfused_why": collections.Counter()})
+_counts: dict = collections.defaultdict(
+    lambda: {"calls": 0, "fused": 0, "unfused_why": collections.Counter()}
+)
 _local = threading.local()
 
 
@@ -33,8 +35,8 @@ def _why_unfused(layer, x, args, kwargs) -> str:
 
     from fastadapters import peft_accel
 
-    if type(layer) is not peft_accel.AcceleratedLoraLinear:
-        if type(layer) is peft_lora.Linear:
+    if type(layer) not in peft_accel._ACCELERATED.values():
+        if type(layer) in peft_accel._ACCELERATED:
             reason = peft_accel._why_not(layer)
             return f"not accelerated: {reason}" if reason else "not accelerated"
         return "layer type has no fused path"
@@ -46,7 +48,8 @@ def _why_unfused(layer, x, args, kwargs) -> str:
         return "adapters disabled"
     if layer.merged:
         return "adapter merged"
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    adapters = layer.lora_A if isinstance(layer, peft_lora.Linear) else layer.lora_embedding_A
+    active = [a for a in layer.active_adapters if a in adapters]
     if len(active) != 1:
         return f"{len(active)} active adapters"
     if active[0] in layer.lora_variant or layer.use_dora.get(active[0], False):
@@ -55,10 +58,11 @@ def _why_unfused(layer, x, args, kwargs) -> str:
 
 
 def _type_name(cls) -> str:
-    """'lora.Linear' for PEFT's LoRA layers (an accelerated layer is PEFT's lora.Linear), 'lora.bnb.Linear4bit'
-    for those in other files of peft.tuners.lora, else the module path (tuners built on LoraLayer)."""
-    if cls.__name__ == "AcceleratedLoraLinear":
-        return "lora.Linear"
+    """'lora.Linear' for PEFT's LoRA layers (an accelerated layer counts as PEFT's class),
+    'lora.bnb.Linear4bit' for those in other files of peft.tuners.lora, else the module path (tuners built
+    on LoraLayer)."""
+    if cls.__name__.startswith("AcceleratedLora"):
+        return "lora." + cls.__name__.removeprefix("AcceleratedLora")
     module = cls.__module__.removeprefix("peft.tuners.")
     if module == "lora.layer":
         return f"lora.{cls.__name__}"
@@ -106,7 +110,7 @@ def _install_accelerated():
     from peft.tuners.tuners_utils import BaseTuner
 
     import fastadapters
-    import fastadapters.peft_accel  # noqa: F401  (AcceleratedLoraLinear, so that its forward is counted too)
+    import fastadapters.peft_accel  # noqa: F401  (the accelerated classes, so their forward is counted too)
     from fastadapters.ops import _autograd
 
     for mod in ("bnb", "hqq", "eetq", "gptq", "awq", "aqlm", "torchao", "inc", "tp_layer"):
