@@ -1,11 +1,12 @@
-"""Drop-in acceleration of existing PEFT models: `accelerate(peft_model)` runs every eligible PEFT LoRA
-Linear (and GPT-2 Conv1D) through fastadapters' fused LoRA op, in place.
+"""Drop-in acceleration of existing PEFT models: `accelerate(peft_model)` runs PEFT's LoRA Linear (nn.Linear
+and GPT-2 Conv1D bases) and Embedding layers through fastadapters' ops, in place.
 
-The swap changes each eligible layer's class to a subclass of PEFT's own `lora.Linear` that overrides
-only `forward`, so the parameters, state_dict keys, save_pretrained, merge_and_unload, set_adapter,
-disable_adapter and the rest of PEFT keep working untouched. Calls the fused op cannot serve exactly
-(adapters disabled or merged, `adapter_names` mixed batches, several active adapters, LoRA variants)
-take PEFT's own forward.
+The swap changes each eligible layer's class to a subclass of PEFT's own class that overrides only
+`forward` (and the name its repr prints), so the parameters, state_dict keys, save_pretrained,
+merge_and_unload, set_adapter, disable_adapter and the rest of PEFT keep working untouched. Each call checks
+that an op computes what PEFT's forward would (one or several active adapters, DoRA, `adapter_names` batches
+in inference) and otherwise runs PEFT's forward (adapters disabled or merged, hooks, other LoRA variants, a
+base layer that is itself an adapter layer, ...). Layers PEFT injects later are swapped as they appear.
 """
 
 import functools
