@@ -357,6 +357,16 @@ def test_lora_over_loha_in_a_mixed_model_keeps_loha():
     assert (outs[0] - outs[1]).abs().max() > 1e-3, "LoHa changes the output"
 
 
+def test_float64_runs_on_the_torch_backend_only():
+    assert fastadapters.ops.backend_for("lora_linear", "cpu", torch.float64) == "torch"
+    x, w, a, b = (torch.randn(*s, dtype=torch.float64) for s in ((3, 4), (5, 4), (2, 4), (5, 2)))
+    with fastadapters.ops.use_backend("cpu"):
+        with pytest.raises(RuntimeError, match="float64 runs on the torch backend only"):
+            fastadapters.ops.lora_linear(x, w, None, a, b, 1.0)
+    with pytest.raises(TypeError, match="x must be float32, float16, bfloat16 or float64"):
+        fastadapters.ops.lora_linear(x.int(), w, None, a, b, 1.0)
+
+
 def test_float64_model_matches_peft(fused_calls):
     fast, plain = peft_pair("llama")
     fastadapters.accelerate(fast.double(), verbose=False), plain.double()

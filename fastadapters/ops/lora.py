@@ -363,7 +363,8 @@ def lora_linear(
     """y = x Wᵀ + b + scale · (drop(x) Aᵀ) Bᵀ, dropout active only when `training`.
 
     x: [..., d_in] (any leading dims, may be non-contiguous); weight: [d_out, d_in]; bias: [d_out] or None;
-    lora_a: [r, d_in]; lora_b: [d_out, r]. All share x's dtype (fp32, fp16, bf16) and device.
+    lora_a: [r, d_in]; lora_b: [d_out, r]. All share x's dtype (fp32, fp16, bf16; fp64 on the torch
+    backend only) and device.
     """
     C.check_tensor("x", x, min_ndim=1, dtypes=LORA_DTYPES)
     C.check_features("x", x)
