@@ -241,3 +241,26 @@ def multi_bottleneck_adapter(
             out[rows] = bottleneck_adapter(hf[rows], down, up, s, act, residual=res[rows])
         off += b
     return out.reshape(*h.shape[:-1], -1).to(h.dtype)
+
+
+def lora_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    stride,
+    padding,
+) -> Tensor:
+    """y = conv(x, W) + b + scale · conv₁ₓ₁(conv(x, A), B), three convolutions as PEFT runs them.
+
+    x: [N, in, *S]; weight: [out, in, *k]; bias: [out] or None; lora_a: [r, in, *k]; lora_b: [out, r, 1, …].
+    """
+    conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}
+    conv = conv[weight.dim()]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    y = conv(xf, weight.to(acc), None if bias is None else bias.to(acc), stride, padding)
+    t = conv(xf, lora_a.to(acc), None, stride, padding)
+    return (y + scale * conv(t, lora_b.to(acc))).to(x.dtype)

@@ -12,6 +12,7 @@ from fastadapters.ops.lora import (
     lora_linear_grouped,
     lora_weight_norm,
 )
+from fastadapters.ops.lora_conv import lora_conv
 from fastadapters.ops.lora_embedding import lora_embedding
 from fastadapters.ops.multi_bottleneck import multi_bottleneck_adapter
 from fastadapters.ops.multi_lora import multi_lora_linear, multi_lora_linear_grouped
@@ -28,6 +29,7 @@ __all__ = [
     "dora_linear",
     "lora_weight_norm",
     "lora_embedding",
+    "lora_conv",
 ]
 __all__ += ["bottleneck_adapter", "bottleneck_dropout_mask"]
 __all__ += ["multi_lora_linear", "multi_lora_linear_grouped", "adapter_schedule", "AdapterSchedule"]

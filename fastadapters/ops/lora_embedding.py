@@ -43,8 +43,7 @@ def _backward_forward(
     flat = ids.reshape(-1)
     dy2 = dy.reshape(-1, dy.shape[-1])
     keep = None if padding_idx < 0 else (flat != padding_idx).to(dy2.dtype)[:, None]
-    empty = dy.new_empty(0)
-    dw = da = db = empty
+    dw, da, db = (dy.new_empty(0) for _ in range(3))  # separate: custom-op outputs must not alias
     if needs[0]:
         rows = dy2 if keep is None else dy2 * keep
         dw = dy2.new_zeros(vocab, dy2.shape[1]).index_add_(0, flat, rows)
@@ -60,11 +59,10 @@ def _backward_forward(
 
 
 def _backward_fake(dy, ids, lora_a, lora_b, scale, padding_idx, vocab, needs):
-    empty = dy.new_empty(0)
     return (
-        dy.new_empty(vocab, dy.shape[-1]) if needs[0] else empty,
-        lora_a.new_empty(lora_a.shape) if needs[1] else empty,
-        lora_b.new_empty(lora_b.shape) if needs[2] else empty,
+        dy.new_empty(vocab, dy.shape[-1]) if needs[0] else dy.new_empty(0),
+        lora_a.new_empty(lora_a.shape) if needs[1] else dy.new_empty(0),
+        lora_b.new_empty(lora_b.shape) if needs[2] else dy.new_empty(0),
     )
 
 
