@@ -247,8 +247,93 @@ class AcceleratedLoraEmbedding(peft_lora.Embedding):
         return ops.lora_embedding(x, base.weight, lora_a.to(dtype), lora_b.to(dtype), scale, base.padding_idx)
 
 
+class _AcceleratedConv:
+    """PEFT's lora.Conv1d/2d/3d with its LoRA forward run by the `lora_conv` op (the update folded into the
+    kernel: one convolution), one or several active adapters, in training too; other calls (see `_plan`)
+    take PEFT's forward."""
+
+    def _get_name(self) -> str:
+        return type(self).__mro__[2].__name__  # repr stays PEFT's `lora.Conv2d(...)`
+
+    def _plan(self, x: torch.Tensor, args: tuple, kwargs: dict) -> list | None:
+        """The active adapters the op runs, or None where PEFT's forward must: extra arguments or
+        `adapter_names`, adapters disabled or merged, a base that is not a plain zero-padded convolution
+        (groups, dilation, padding given as a string), unbatched input, hooks, LoRA variants (DoRA),
+        lora_bias, live dropout (PEFT drops the input of lora_A only), dtypes, or another device."""
+        if args or kwargs or self.disable_adapters or self.merged:
+            return None
+        base = self.base_layer
+        if type(base) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d) or not base.weight.dtype.is_floating_point:
+            return None
+        if base.groups != 1 or any(d != 1 for d in base.dilation) or base.padding_mode != "zeros":
+            return None
+        if isinstance(base.padding, str) or x.dim() != base.weight.dim():
+            return None
+        if _hooked(base) or _global_hooks() or x.dtype != base.weight.dtype or x.device != base.weight.device:
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        for name in active:
+            lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            if name in self.lora_variant or lora_b.bias is not None:
+                return None
+            if _hooked(lora_a) or _hooked(lora_b) or _hooked(dropout):
+                return None
+            if not (
+                isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and not dropout.training)
+            ):
+                return None
+            if lora_a.stride != base.stride or lora_a.padding != base.padding or lora_a.groups != 1:
+                return None
+            if (
+                any(d != 1 for d in lora_a.dilation)
+                or lora_b.groups != 1
+                or any(s != 1 for s in lora_b.stride)
+            ):
+                return None
+            if x.dtype != lora_a.weight.dtype and not getattr(self, "cast_input_dtype_enabled", True):
+                return None
+            if lora_a.weight.device != x.device:
+                return None
+            scale = self.scaling[name]
+            if isinstance(scale, torch.Tensor) and (scale.numel() != 1 or torch.compiler.is_compiling()):
+                return None
+        return active or None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = self._plan(x, args, kwargs)
+        if names is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        dtype = x.dtype
+        lora_a = torch.cat([self.lora_A[n].weight.to(dtype) for n in names])
+        lora_b = torch.cat([self.lora_B[n].weight.to(dtype) * _scale(self.scaling[n]) for n in names], 1)
+        bias = None if base.bias is None else base.bias.to(dtype)
+        return ops.lora_conv(x, base.weight, bias, lora_a, lora_b, 1.0, list(base.stride), list(base.padding))
+
+
+class AcceleratedLoraConv1d(_AcceleratedConv, peft_lora.Conv1d):
+    pass
+
+
+class AcceleratedLoraConv2d(_AcceleratedConv, peft_lora.Conv2d):
+    pass
+
+
+class AcceleratedLoraConv3d(_AcceleratedConv, peft_lora.Conv3d):
+    pass
+
+
 # PEFT's layer classes and their accelerated subclasses.
-_ACCELERATED = {peft_lora.Linear: AcceleratedLoraLinear, peft_lora.Embedding: AcceleratedLoraEmbedding}
+_ACCELERATED = {
+    peft_lora.Linear: AcceleratedLoraLinear,
+    peft_lora.Embedding: AcceleratedLoraEmbedding,
+    peft_lora.Conv1d: AcceleratedLoraConv1d,
+    peft_lora.Conv2d: AcceleratedLoraConv2d,
+    peft_lora.Conv3d: AcceleratedLoraConv3d,
+}
+_PEFT_CLASS = {v: k for k, v in _ACCELERATED.items()}
 
 
 def _why_not(module: nn.Module) -> str | None:
@@ -258,14 +343,18 @@ def _why_not(module: nn.Module) -> str | None:
     if cls not in _ACCELERATED and cls not in _ACCELERATED.values():
         if "bnb" in cls.__module__ or "Linear8bit" in cls.__name__ or "Linear4bit" in cls.__name__:
             return "quantised base layer (bitsandbytes)"
-        return (
-            f"not a LoRA Linear or Embedding ({cls.__module__.removeprefix('peft.tuners.')}.{cls.__name__})"
-        )
+        name = f"{cls.__module__.removeprefix('peft.tuners.')}.{cls.__name__}"
+        return f"not a LoRA Linear, Embedding or Conv ({name})"
     if issubclass(cls, peft_lora.Embedding):
         base = module.base_layer
         return (
             None if type(base) is nn.Embedding else f"base layer is {type(base).__name__}, not nn.Embedding"
         )
+    if issubclass(cls, peft_lora._ConvNd):
+        base = module.base_layer
+        if type(base) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            return f"base layer is {type(base).__name__}, not nn.Conv1d/2d/3d"
+        return None
     variants = {a: v for a, v in module.lora_variant.items() if not isinstance(v, DoraLinearVariant)}
     if variants and all(a in variants for a in module.lora_A):
         return "LoRA variant (" + ", ".join(sorted(type(v).__name__ for v in variants.values())) + ")"
@@ -369,8 +458,8 @@ def deaccelerate(peft_model: nn.Module) -> nn.Module:
     """Undoes `accelerate`: every layer goes back to PEFT's own class; layers added later stay PEFT's."""
     _mark(peft_model, False)
     for module in peft_model.modules():
-        if type(module) in _ACCELERATED.values():
-            module.__class__ = type(module).__mro__[1]
+        if type(module) in _PEFT_CLASS:
+            module.__class__ = _PEFT_CLASS[type(module)]
     peft_model.__dict__.pop("fastadapters_summary", None)
     return peft_model
 

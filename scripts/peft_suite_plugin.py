@@ -48,7 +48,7 @@ def _why_unfused(layer, x, args, kwargs) -> str:
         return "adapters disabled"
     if layer.merged:
         return "adapter merged"
-    adapters = layer.lora_A if isinstance(layer, peft_lora.Linear) else layer.lora_embedding_A
+    adapters = layer.lora_embedding_A if isinstance(layer, peft_lora.Embedding) else layer.lora_A
     active = [a for a in layer.active_adapters if a in adapters]
     if len(active) != 1:
         return f"{len(active)} active adapters"
@@ -70,7 +70,7 @@ def _type_name(cls) -> str:
 
 
 def _wrap_forward(cls):
-    forward = cls.__dict__["forward"]
+    forward = cls.forward
 
     @functools.wraps(forward)
     def counted(self, *args, **kwargs):
@@ -85,7 +85,7 @@ def _wrap_forward(cls):
             out = forward(self, *args, **kwargs)
         finally:
             stack.pop()
-        name = _type_name(cls)
+        name = _type_name(type(self))
         entry = _counts[name]
         entry["calls"] += 1
         if frame[1]:
@@ -118,8 +118,11 @@ def _install_accelerated():
             __import__(f"peft.tuners.lora.{mod}")
         except Exception:
             pass
-    for cls in {c for c in _all_subclasses(LoraLayer) if "forward" in c.__dict__}:
-        _wrap_forward(cls)
+    # Every class, also those that inherit forward (PEFT's Conv2d from _ConvNd, the accelerated Conv2d from a
+    # mixin): a call re-entering the same layer through super() is counted once, under the layer's own type.
+    for cls in set(_all_subclasses(LoraLayer)):
+        if isinstance(getattr(cls, "forward", None), type(_wrap_forward)):
+            _wrap_forward(cls)
 
     call = _autograd.Op.__call__
 

@@ -555,3 +555,44 @@ def test_embedding_lora_matches_peft(monkeypatch):
         for name, g in grads_of(fast).items():
             close(g, g_plain[name], "step", f"grad of {name}")
     assert len(calls) == 2
+
+
+class ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv1d(3, 6, 3, stride=2, padding=1)
+        self.c2 = torch.nn.Conv2d(6, 5, (3, 2), padding=(1, 0), bias=False)
+        self.c3 = torch.nn.Conv3d(5, 4, 1)
+
+    def forward(self, x):  # x: [N, 3, 24]
+        h = torch.relu(self.c1(x)).view(x.shape[0], 6, 3, 4)
+        return self.c3(self.c2(h).unsqueeze(2)).flatten(1)
+
+
+def test_conv_lora_matches_peft(monkeypatch):
+    from fastadapters import peft_accel
+
+    calls = []
+    real = peft_accel.ops.lora_conv
+    monkeypatch.setattr(peft_accel.ops, "lora_conv", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    plain = peft.get_peft_model(ConvNet(), peft.LoraConfig(r=2, target_modules=["c1", "c2", "c3"]))
+    plain.add_adapter("other", peft.LoraConfig(r=3, target_modules=["c2"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if "lora_B.default" in name:
+                p.normal_(0, 0.3)
+    fast = fastadapters.accelerate(copy.deepcopy(plain), verbose=False)
+    assert repr(fast) == repr(plain) and "3 LoRA layers accelerated" in fast.fastadapters_summary
+    x = torch.randn(2, 3, 24)
+    for active in (["default"], ["default", "other"]):
+        fast.base_model.set_adapter(active), plain.base_model.set_adapter(active)
+        fast.zero_grad(), plain.zero_grad()
+        out_fast, out_plain = fast(x), plain(x)
+        close(out_fast, out_plain, "step", f"conv LoRA, active {active}")
+        out_fast.square().sum().backward(), out_plain.square().sum().backward()
+        g_plain = grads_of(plain)
+        assert any("lora_A.default" in n for n in g_plain)
+        for name, g in grads_of(fast).items():
+            close(g, g_plain[name], "step", f"grad of {name}")
+    assert len(calls) == 6
