@@ -8,6 +8,9 @@ Providers: "peft" (get_peft_model), "fastadapters" (fastadapters.apply with the 
 adapter at all, every weight frozen, backward from the loss to the input embeddings (so every layer's
 input gradient is computed as in LoRA training). "frozen" is the ceiling: a LoRA implementation whose
 adapters cost nothing would take its time; t/t(frozen) is the adapters' whole overhead.
+DoRA rows (shape name ending " DoRA"): the same setup with use_dora=True and no dropout (with dropout PEFT's
+DoRA recomputes the base product on the dropped input, and accelerate leaves it on PEFT's path), "peft" vs
+"peft+accelerate" (ops.dora_linear). No QLoRA rows: bitsandbytes is not installed here.
 extra_info: tokens per step, saved_bytes (saved for backward, parameters excluded) and flops, the
 step's approximate model FLOPs (frozen matmuls forward and input-gradient: 4 per weight per token;
 adapter weights: 6; attention scores and values counted in full, not halved for causality).
@@ -32,8 +35,13 @@ PROVIDERS = ["peft", "fastadapters", "peft+accelerate", "frozen"]
 pytestmark = pytest.mark.benchmark(min_rounds=12)
 
 
+DORA_PROVIDERS = ("peft", "peft+accelerate")
+
+
 def shape_name(s: dict) -> str:
-    return f"h{s['hidden']} L{s['layers']} B{s['batch']} T{s['seq']} r{RANK}"
+    return f"h{s['hidden']} L{s['layers']} B{s['batch']} T{s['seq']} r{RANK}" + (
+        " DoRA" if s.get("dora") else ""
+    )
 
 
 def build_model(s: dict):
@@ -76,7 +84,14 @@ def adapted_model(provider: str, s: dict):
     else:
         import peft
 
-        cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=TARGETS)
+        dora = bool(s.get("dora"))
+        cfg = peft.LoraConfig(
+            r=RANK,
+            lora_alpha=ALPHA,
+            lora_dropout=0.0 if dora else DROPOUT,
+            target_modules=TARGETS,
+            use_dora=dora,
+        )
         model = peft.get_peft_model(model, cfg)
         if provider == "peft+accelerate":
             import fastadapters
@@ -113,8 +128,10 @@ def make_step(provider: str, s: dict):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("s", SHAPES, ids=shape_name)
+@pytest.mark.parametrize("s", SHAPES + [{**SHAPES[0], "dora": True}], ids=shape_name)
 def test_train_step(benchmark, s, provider):
+    if s.get("dora") and provider not in DORA_PROVIDERS:
+        pytest.skip("DoRA rows compare PEFT with PEFT accelerated")
     model, params, forward, step = make_step(provider, s)
     first = step()  # creates the optimizer state outside the timed rounds
     synchronize()
@@ -132,5 +149,6 @@ def test_train_step(benchmark, s, provider):
     )
     loss = benchmark(step)
     assert torch.isfinite(first) and torch.isfinite(loss)
-    expected = 0 if provider == "frozen" else 2 * len(TARGETS) * s["layers"]
+    per_target = 3 if s.get("dora") else 2  # A, B (and DoRA's magnitude)
+    expected = 0 if provider == "frozen" else per_target * len(TARGETS) * s["layers"]
     assert len(params) == expected, "the adapter must cover every target of every layer"

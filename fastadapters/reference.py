@@ -32,6 +32,41 @@ def lora_linear(
     return y.to(x.dtype)
 
 
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    magnitude: Tensor,
+    scale: float,
+) -> Tensor:
+    """y = m / ‖W + scale · B A‖_row ⊙ (x (W + scale · B A)ᵀ) + b, the merged weight formed (DoRA).
+
+    x: [..., d_in]; weight: [d_out, d_in]; bias: [d_out] or None; lora_a: [r, d_in]; lora_b: [d_out, r];
+    magnitude: [d_out]. The norm is detached, as in the DoRA paper (section 4.3) and PEFT.
+    """
+    merged = weight.float() + scale * (lora_b.float() @ lora_a.float())
+    norm = torch.linalg.norm(merged, dim=1).detach()
+    y = (x.float() @ merged.T) * (magnitude.float() / norm)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def lora_embedding(
+    ids: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, padding_idx: int | None = None
+) -> Tensor:
+    """y = W[ids] + scale · Aᵀ[ids] Bᵀ (fp64 stays fp64).
+
+    ids: integers, any shape; weight: [V, d]; lora_a: [r, V]; lora_b: [d, r].
+    """
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    y = torch.nn.functional.embedding(ids, weight.to(acc), padding_idx=padding_idx)
+    t = torch.nn.functional.embedding(ids, lora_a.to(acc).T, padding_idx=padding_idx)
+    return (y + scale * (t @ lora_b.to(acc).T)).to(weight.dtype)
+
+
 def prefix_attention(
     q: Tensor,
     k: Tensor,
@@ -206,3 +241,26 @@ def multi_bottleneck_adapter(
             out[rows] = bottleneck_adapter(hf[rows], down, up, s, act, residual=res[rows])
         off += b
     return out.reshape(*h.shape[:-1], -1).to(h.dtype)
+
+
+def lora_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    stride,
+    padding,
+) -> Tensor:
+    """y = conv(x, W) + b + scale · conv₁ₓ₁(conv(x, A), B), three convolutions as PEFT runs them.
+
+    x: [N, in, *S]; weight: [out, in, *k]; bias: [out] or None; lora_a: [r, in, *k]; lora_b: [out, r, 1, …].
+    """
+    conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}
+    conv = conv[weight.dim()]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    y = conv(xf, weight.to(acc), None if bias is None else bias.to(acc), stride, padding)
+    t = conv(xf, lora_a.to(acc), None, stride, padding)
+    return (y + scale * conv(t, lora_b.to(acc))).to(x.dtype)

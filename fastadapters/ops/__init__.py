@@ -5,7 +5,15 @@
 
 from fastadapters.ops._dispatch import BACKENDS, backend_for, use_backend
 from fastadapters.ops.bottleneck import bottleneck_adapter, bottleneck_dropout_mask
-from fastadapters.ops.lora import lora_dropout_mask, lora_linear, lora_linear_grouped
+from fastadapters.ops.lora import (
+    dora_linear,
+    lora_dropout_mask,
+    lora_linear,
+    lora_linear_grouped,
+    lora_weight_norm,
+)
+from fastadapters.ops.lora_conv import lora_conv
+from fastadapters.ops.lora_embedding import lora_embedding
 from fastadapters.ops.multi_bottleneck import multi_bottleneck_adapter
 from fastadapters.ops.multi_lora import multi_lora_linear, multi_lora_linear_grouped
 from fastadapters.ops.prefix_attention import prefix_attention
@@ -18,6 +26,10 @@ __all__ = [
     "lora_linear",
     "lora_linear_grouped",
     "lora_dropout_mask",
+    "dora_linear",
+    "lora_weight_norm",
+    "lora_embedding",
+    "lora_conv",
 ]
 __all__ += ["bottleneck_adapter", "bottleneck_dropout_mask"]
 __all__ += ["multi_lora_linear", "multi_lora_linear_grouped", "adapter_schedule", "AdapterSchedule"]

@@ -159,6 +159,14 @@ class EagerFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         op.setup(ctx, args, outputs)
         flat_out, ctx.layout = _flatten_outputs(outputs)
+        inputs = {id(t) for t in flat if isinstance(t, torch.Tensor)}
+        # A backend's output may be a view of a tensor made inside forward (a reshape back to x's leading
+        # dims). Autograd would mark it a view of a multi-output Function, and any in-place op after the
+        # layer (ReLU(inplace=True), `result += ...`) would raise; detach() gives the same memory unmarked.
+        flat_out = tuple(
+            o.detach() if isinstance(o, torch.Tensor) and o._is_view() and id(o._base) not in inputs else o
+            for o in flat_out
+        )
         return (*flat_out, ctx.layout)  # the layout (not a tensor) tells the caller how to regroup
 
     @staticmethod

@@ -14,11 +14,14 @@ def describe(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def check_tensor(name: str, t, *, ndim: int | None = None, min_ndim: int | None = None) -> Tensor:
+def check_tensor(
+    name: str, t, *, ndim: int | None = None, min_ndim: int | None = None, dtypes: tuple = FLOAT_DTYPES
+) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {describe(t)}")
+    if t.dtype not in dtypes:
+        names = [str(d).removeprefix("torch.") for d in dtypes]
+        raise TypeError(f"{name} must be {', '.join(names[:-1])} or {names[-1]}, got {describe(t)}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got {describe(t)}")
     if min_ndim is not None and t.dim() < min_ndim:

@@ -154,6 +154,11 @@ class TorchLora:
         return dx, dws, dbs, dlas, dlbs
 
 
+# The dtypes lora_linear and the ops built on it take (float64 included: the torch backend runs it, and the
+# compiled and Triton backends decline it with a reason, see _dispatch.KERNEL_DTYPES).
+LORA_DTYPES = C.FLOAT_DTYPES
+
+
 IMPLEMENTATIONS = register(
     "lora_linear",
     {
@@ -316,7 +321,7 @@ _lora_linear_op = LORA_LINEAR.custom
 
 def _check_member(i: int, x: Tensor, weight, bias, lora_a, lora_b, scale, grouped: bool):
     sfx = f"[{i}]" if grouped else ""
-    w = C.check_tensor(f"weight{sfx}", weight, ndim=2)
+    w = C.check_tensor(f"weight{sfx}", weight, ndim=2, dtypes=LORA_DTYPES)
     C.check_like(f"weight{sfx}", w, "x", x)
     d_out, d_in = w.shape
     if d_in != x.shape[-1]:
@@ -324,15 +329,15 @@ def _check_member(i: int, x: Tensor, weight, bias, lora_a, lora_b, scale, groupe
             f"weight{sfx} must have shape (d_out, {x.shape[-1]}) to match x, got {C.describe(w)}"
         )
     if bias is not None:
-        C.check_tensor(f"bias{sfx}", bias, ndim=1)
+        C.check_tensor(f"bias{sfx}", bias, ndim=1, dtypes=LORA_DTYPES)
         C.check_like(f"bias{sfx}", bias, "x", x)
         C.check_shape(f"bias{sfx}", bias, (d_out,), "d_out")
-    a = C.check_tensor(f"lora_a{sfx}", lora_a, ndim=2)
+    a = C.check_tensor(f"lora_a{sfx}", lora_a, ndim=2, dtypes=LORA_DTYPES)
     C.check_like(f"lora_a{sfx}", a, "x", x)
     if a.shape[0] < 1:
         raise ValueError(f"lora_a{sfx} must have rank >= 1 rows, got {C.describe(a)}")
     C.check_shape(f"lora_a{sfx}", a, (a.shape[0], d_in), "rank, d_in")
-    b = C.check_tensor(f"lora_b{sfx}", lora_b, ndim=2)
+    b = C.check_tensor(f"lora_b{sfx}", lora_b, ndim=2, dtypes=LORA_DTYPES)
     C.check_like(f"lora_b{sfx}", b, "x", x)
     C.check_shape(f"lora_b{sfx}", b, (d_out, a.shape[0]), "d_out, rank")
     return C.check_scale(f"scale{sfx}", scale)
@@ -351,9 +356,10 @@ def lora_linear(
     """y = x Wᵀ + b + scale · (drop(x) Aᵀ) Bᵀ, dropout active only when `training`.
 
     x: [..., d_in] (any leading dims, may be non-contiguous); weight: [d_out, d_in]; bias: [d_out] or None;
-    lora_a: [r, d_in]; lora_b: [d_out, r]. All share x's dtype (fp32, fp16, bf16) and device.
+    lora_a: [r, d_in]; lora_b: [d_out, r]. All share x's dtype (fp32, fp16, bf16; fp64 on the torch
+    backend only) and device.
     """
-    C.check_tensor("x", x, min_ndim=1)
+    C.check_tensor("x", x, min_ndim=1, dtypes=LORA_DTYPES)
     C.check_features("x", x)
     scale = _check_member(0, x, weight, bias, lora_a, lora_b, scale, grouped=False)
     p, seed = C.dropout_and_seed(dropout_p, training)
@@ -375,7 +381,7 @@ def lora_linear_grouped(
     x: [..., d_in]; weights[i]: [d_out_i, d_in]; biases[i]: [d_out_i] or None; lora_as[i]: [r_i, d_in];
     lora_bs[i]: [d_out_i, r_i]. One dropout mask is shared by the members (they share x).
     """
-    C.check_tensor("x", x, min_ndim=1)
+    C.check_tensor("x", x, min_ndim=1, dtypes=LORA_DTYPES)
     C.check_features("x", x)
     k = len(weights)
     if k == 0 or not all(len(v) == k for v in (biases, lora_as, lora_bs, scales)):
@@ -398,3 +404,45 @@ def lora_dropout_mask(shape, dropout_p: float, seed: int, device, dtype=torch.fl
         .module()
         .dropout_mask(shape, dropout_p, seed, device)
     )
+
+
+def lora_weight_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
+    """‖W_i + scale · (B A)_i‖ for each output row i, without forming W + scale · B A; no gradient (DoRA).
+
+    weight: [d_out, d_in]; lora_a: [r, d_in]; lora_b: [d_out, r] -> [d_out] in weight's dtype. Expands
+    ‖W_i‖² + 2s B_i·(W Aᵀ)_i + s² B_i (A Aᵀ) B_iᵀ: one [d_out, r] product with W instead of a [d_out, d_in]
+    temporary, accumulated in fp32 (fp64 for fp64 weights).
+    """
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        wa = (weight @ lora_a.to(weight.dtype).T).to(acc)
+        a, b = lora_a.to(acc), lora_b.to(acc)
+        sq = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square_()
+        sq.add_((b * wa).sum(1), alpha=2 * scale).add_(((b @ (a @ a.T)) * b).sum(1), alpha=scale * scale)
+        return sq.clamp_(min=0).sqrt_().to(weight.dtype)
+
+
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    magnitude: Tensor,
+    scale: float,
+) -> Tensor:
+    """y = m / ‖W + scale · B A‖_row ⊙ (x Wᵀ + scale · (x Aᵀ) Bᵀ) + b: DoRA, the norm constant to autograd.
+
+    x: [..., d_in]; weight: [d_out, d_in]; bias: [d_out] or None; lora_a: [r, d_in]; lora_b: [d_out, r];
+    magnitude: [d_out]. All share x's dtype and device. The fused lora_linear op computes the directional
+    part; the norm comes from lora_weight_norm (the merged weight is never formed).
+    """
+    C.check_tensor("x", x, min_ndim=1, dtypes=LORA_DTYPES)
+    C.check_features("x", x)
+    scale = _check_member(0, x, weight, bias, lora_a, lora_b, scale, grouped=False)
+    C.check_tensor("magnitude", magnitude, ndim=1, dtypes=LORA_DTYPES)
+    C.check_like("magnitude", magnitude, "x", x)
+    C.check_shape("magnitude", magnitude, (weight.shape[0],), "d_out")
+    y = LORA_LINEAR(x, [weight], _biases([None], x), [lora_a], [lora_b], [scale], 0.0, None)[0][0]
+    y = y * (magnitude / lora_weight_norm(weight, lora_a, lora_b, scale))
+    return y if bias is None else y + bias
