@@ -7,7 +7,8 @@
   hidden features: q/k/v, or one fused qkv), the *output projection* (the last one writing hidden
   features), and among the inputs the *query* and *value* roles (by the usual leaf names; a lone fused
   input projection plays both);
-- the MLP: the layer's other linear layers; its input projections read the hidden features (gate/up, a
+- the MLP (a submodule whose class name says MLP, feed-forward or MoE; else, beside the attention, the
+  layer's other linear layers); its input projections read the hidden features (gate/up, a
   fused gate_up, fc1, c_fc, dense_h_to_4h ...), its output projections write them (down, fc2, c_proj,
   dense_4h_to_h ...). Layers with few outputs (under hidden/4: MoE routers, gate scores) are not
   projections. MoE experts stored as 3-D parameters (Mixtral, Qwen3-MoE) are no linear layers;
@@ -36,6 +37,7 @@ _CACHE_ATTR = "_fastadapters_structure"
 QUERY_NAMES = ("q_proj", "q", "query", "wq", "q_lin", "query_proj", "q_b_proj")
 VALUE_NAMES = ("v_proj", "v", "value", "wv", "v_lin", "value_proj", "kv_b_proj")
 _ATTENTION_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
+_MLP_CLASS = re.compile(r"mlp|feedforward|ffn|moe|experts?\b", re.IGNORECASE)
 _CROSS = re.compile(r"cross|encoder_attn", re.IGNORECASE)
 
 
@@ -149,12 +151,15 @@ def _decoder_layers(model: nn.Module, head: tuple[str, ...]) -> tuple[str, ...]:
     return best
 
 
-def _attention_path(layer: nn.Module, path: str) -> str | None:
-    """The outermost attention submodule of a layer (class name says attention, not cross-attention)."""
+def _block_path(layer: nn.Module, path: str, pattern: re.Pattern, skip: str | None = None) -> str | None:
+    """The outermost submodule of a layer whose class name matches `pattern` and that holds linear layers
+    (cross-attention and anything under `skip` excluded)."""
     for name, module in layer.named_modules(prefix=path):
         if name == path or "base_layer" in name or _CROSS.search(name.rpartition(".")[2]):
             continue
-        if _ATTENTION_CLASS.search(type(module).__name__) and _named_linears(module):
+        if skip is not None and name.startswith(skip + "."):
+            continue
+        if pattern.search(type(module).__name__) and _named_linears(module):
             return _clean(name)
     return None
 
@@ -190,7 +195,7 @@ def _static_structure(model: nn.Module) -> Structure:
         layer = model.get_submodule(path)
         linears = _named_linears(layer, path)
         layer_of.update(dict.fromkeys(linears, path))
-        attn_path = _attention_path(layer, path)
+        attn_path = _block_path(layer, path, _ATTENTION_CLASS)
         attn = {}
         if attn_path is not None:
             attn = {n: m for n, m in linears.items() if n.startswith(attn_path + ".")}
@@ -205,8 +210,16 @@ def _static_structure(model: nn.Module) -> Structure:
                     _role(inputs, VALUE_NAMES),
                 )  # fmt: skip
             )
-        cross = {n for n in linears if any(_CROSS.search(part) for part in n[len(path) + 1 :].split("."))}
-        rest = {n: m for n, m in linears.items() if n not in attn and n not in cross}
+        # The MLP: a submodule whose class says so; else, beside an attention block, the layer's other linear
+        # layers (OPT's fc1/fc2, BERT's intermediate/output); a layer without either (Mamba) has none.
+        mlp_path = _block_path(layer, path, _MLP_CLASS, skip=attn_path)
+        if mlp_path is not None:
+            rest = {n: m for n, m in linears.items() if n.startswith(mlp_path + ".")}
+        elif attn_path is not None:
+            cross = {n for n in linears if any(_CROSS.search(part) for part in n[len(path) + 1 :].split("."))}
+            rest = {n: m for n, m in linears.items() if n not in attn and n not in cross}
+        else:
+            rest = {}
         if rest:
             mlp.append(MLPBlock(*_split(rest, hidden)))
     return Structure(
