@@ -36,10 +36,11 @@ PARALLEL_TARGETS: dict[str, tuple[str, ...]] = {}
 # Prefix tuning: (attention module name suffix, route) where the attention interface is not the way in:
 # "bloom" = a patched BloomAttention.forward (ALiBi attention outside the interface; a dense bias).
 PREFIX_ATTENTION: dict[str, tuple[str, str]] = {"bloom": ("self_attention", "bloom")}
-# Attention-function features the prefix op does not reproduce: refused, named (see prefix.py for softcap).
+# Attention-function arguments the prefix attention op does not reproduce: prefix tuning refuses them, named.
 UNSUPPORTED_ATTENTION = {
+    "softcap": "attention logit soft-capping (config.attn_logit_softcapping; set it to None to use prefix tuning)",
     "s_aux": "attention sinks (learned per-head sink logits)",
-    "sinks": "attention sinks",
+    "sinks": "attention sinks (learned per-head sink logits)",
 }
 
 # ------------------------------------------------------------------------------------------ structure
@@ -112,9 +113,9 @@ def attention_paths(model: nn.Module, table: dict = PREFIX_ATTENTION) -> tuple[l
     found = structure(model)
     if not found.attention:
         raise ValueError(
-            f"prefix tuning found no attention block in the decoder layers of {describe(found)}; "
-            "prefix tuning needs attention modules (a class named *Attention*) calling transformers' "
-            "attention interface"
+            f"prefix tuning found no attention block in the decoder layers of {type(model).__name__}: it "
+            "needs attention modules (a class named *Attention*) calling transformers' attention interface. "
+            f"Found: {describe(found)}"
         )
     outside = [b.path for b in found.attention if not b.interface]
     if outside:
@@ -125,22 +126,23 @@ def attention_paths(model: nn.Module, table: dict = PREFIX_ATTENTION) -> tuple[l
             f"{len(found.attention)} attention blocks, e.g. {outside[0]!r}) computes attention itself "
             f"(traced forward: {found.trace})"
         )
-    for block in found.attention:
-        for feature in block.features:
+    for path, (_, _, features) in found.attention_calls.items():
+        for feature in features:
             if feature in UNSUPPORTED_ATTENTION:
                 raise ValueError(
                     f"prefix tuning does not support {UNSUPPORTED_ATTENTION[feature]} ({feature!r}, used by "
-                    f"{type(model).__name__}'s attention); the prefix keys would need their own sink logits"
+                    f"{type(model).__name__}'s attention): the prefix attention op does not compute it"
                 )
-    return [b.path for b in found.attention], "registry"
+    # Every module that calls the interface gets a prefix (also attention outside the decoder layers found).
+    return list(found.attention_calls), "registry"
 
 
 def kv_shape(model: nn.Module, attn: nn.Module) -> tuple[int, int]:
     """(key/value heads, head_dim) of the model's attention module `attn`: as the traced forward saw them,
     else from the config."""
-    for block in read_structure(model).attention:
-        if block.kv_heads and model.get_submodule(block.path) is attn:
-            return block.kv_heads, block.head_dim
+    for path, (kv_heads, head_dim, _) in read_structure(model).attention_calls.items():
+        if model.get_submodule(path) is attn:
+            return kv_heads, head_dim
     cfg = model.config
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -165,14 +167,17 @@ def _roles(model: nn.Module, what: str) -> list[str]:
     names: list[str] = []
     if what in ("lora", "parallel"):
         if not found.attention:
-            raise ValueError(f"no attention block found in {describe(found)}; pass target_modules explicitly")
+            raise ValueError(
+                f"no attention block found in {type(model).__name__} (a submodule of each decoder layer whose "
+                f"class is named *Attention*); pass target_modules explicitly. Found: {describe(found)}"
+            )
         for block in found.attention:
             picked = (block.query, block.value) if what == "lora" else block.inputs
             if not picked or None in picked:
                 raise ValueError(
                     f"cannot tell the query and value projections of {block.path!r} (its input projections: "
-                    f"{[found.relative(n) for n in block.inputs]}) in {describe(found)}; pass target_modules "
-                    "explicitly"
+                    f"{[found.relative(n) for n in block.inputs]}); pass target_modules explicitly. "
+                    f"Found: {describe(found)}"
                 )
             names += [n for n in picked if n not in names]
         return names
@@ -180,9 +185,10 @@ def _roles(model: nn.Module, what: str) -> list[str]:
         names += list(block.outputs) if what == "adapterp" else [*block.inputs, *block.outputs]
     if not names:
         raise ValueError(
-            f"series adapters sit on the MLP's linear projections, and {describe(found)} has none in its MLP "
-            "(MoE experts stored as 3-D parameters are no linear layers); use use_parallel_adapter=True or "
-            "LoRA, or pass target_modules with placements"
+            f"series adapters sit on the MLP's linear projections, and {type(model).__name__} has no MLP "
+            "with linear layers (MoE experts stored as 3-D parameters are no linear layers); use "
+            "use_parallel_adapter=True or LoRA, or pass target_modules with placements={name: 'mh' | "
+            f"'output'}}. Found: {describe(found)}"
         )
     return names
 

@@ -21,6 +21,19 @@ class AdapterModule(nn.Module):
                 yield name, p
 
 
+class _WrapsLinear(AdapterModule):
+    """An adapter around a linear layer: `weight` and `bias` are the wrapped layer's (as PEFT's layers), for
+    models that read them directly (Mamba's mixer)."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype the layer computes in: autocast's when active, else the base weight's."""
     if torch.is_autocast_enabled(x.device.type):
@@ -36,7 +49,7 @@ def writable(y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-class LoraLinear(AdapterModule):
+class LoraLinear(_WrapsLinear):
     """y = base(x) + scale · B(A(dropout(x))) around a frozen nn.Linear or HF Conv1D (GPT-2).
 
     The adapter weights are kept in fp32 when the base is fp16/bf16 (as PEFT does) and cast to the
@@ -167,7 +180,7 @@ class LoraGroup:
         return writable(ys[members.index(layer)])
 
 
-class BottleneckAdapter(AdapterModule):
+class BottleneckAdapter(_WrapsLinear):
     """A frozen nn.Linear (or HF Conv1D) with an LLM-Adapters bottleneck A(t) = s · up(f(down(drop(t)))).
 
     placement "mh" (on the input): base(x + A(x)); "output": h + A(h) with h = base(x); "parallel":

@@ -50,7 +50,8 @@ class AttentionBlock:
     output: str | None
     query: str | None
     value: str | None
-    interface: bool = False  # calls transformers' attention interface (seen in the traced forward)
+    interface: str | None = None  # the module (this block or inside it) that calls transformers' attention
+    # interface in the traced forward: where a prefix goes
     kv_heads: int | None = None
     head_dim: int | None = None
     features: tuple[
@@ -78,6 +79,9 @@ class Structure:
     head: tuple[str, ...]  # the output head (excluded from "all-linear")
     groups: tuple[tuple[str, ...], ...] = ()
     trace: str = "not run"  # "complete", or why the trace stopped
+    # module name -> (key/value heads, head size, features) of every module that called transformers'
+    # attention interface in the traced forward, in module order
+    attention_calls: dict = field(default_factory=dict)
     layer_of: dict = field(default_factory=dict, repr=False)  # module name -> its layer's path
 
     def relative(self, name: str) -> str:
@@ -97,6 +101,12 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
+def is_linear(module: nn.Module) -> bool:
+    """An nn.Linear or Conv1D that computes a linear map: subclasses with their own forward (Llama 4's
+    router returns scores and indices) are not linear layers here."""
+    return isinstance(module, LINEAR_TYPES) and type(module).forward in (nn.Linear.forward, Conv1D.forward)
+
+
 def _named_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
     """clean name -> linear layer under `module` (through adapter wrappers), in definition order."""
     found = {}
@@ -104,7 +114,7 @@ def _named_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
         if name.rpartition(".")[2] == "base_layer" or ".base_layer." in name:
             continue
         base = _unwrap(sub)
-        if isinstance(base, LINEAR_TYPES):
+        if is_linear(base):
             found[_clean(name)] = base
     return found
 
@@ -164,24 +174,30 @@ def _block_path(layer: nn.Module, path: str, pattern: re.Pattern, skip: str | No
     return None
 
 
-def _split(linears: dict[str, nn.Module], hidden: int | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(input projections, output projections) of one block's linear layers."""
+def _split(
+    linears: dict[str, nn.Module], hidden: int | None, last_writer: bool = False
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(input projections, output projections) of one block's linear layers: inputs read the hidden
+    features, outputs write them (those that do not also read them, else the last one defined; with
+    `last_writer`, the last one defined)."""
     names = list(linears)
     if hidden is None:
         return tuple(names[:-1]), tuple(names[-1:])
     shapes = {n: _shape(m) for n, m in linears.items()}
     writers = [n for n in names if shapes[n][1] == hidden]
-    outputs = [n for n in writers if shapes[n][0] != hidden] or writers[-1:]
+    outputs = writers[-1:] if last_writer else [n for n in writers if shapes[n][0] != hidden] or writers[-1:]
     inputs = [n for n in names if shapes[n][0] == hidden and n not in outputs and 4 * shapes[n][1] >= hidden]
     return tuple(inputs), tuple(outputs)
 
 
-def _role(names: tuple[str, ...], leaves: tuple[str, ...]) -> str | None:
-    if len(names) == 1:
-        return names[0]  # one fused input projection plays every role
+def _role(inputs: tuple[str, ...], names: list[str], leaves: tuple[str, ...]) -> str | None:
+    """The projection of a role among the attention block's linear layers `names`, by leaf name (any case);
+    a lone input projection (fused qkv) plays every role."""
+    if len(inputs) == 1:
+        return inputs[0]
     for leaf in leaves:
         for name in names:
-            if name.rpartition(".")[2] == leaf:
+            if leaf in [part.lower() for part in name.split(".")[-2:]]:  # Moshi: q_proj.linear
                 return name
     return None
 
@@ -199,17 +215,9 @@ def _static_structure(model: nn.Module) -> Structure:
         attn = {}
         if attn_path is not None:
             attn = {n: m for n, m in linears.items() if n.startswith(attn_path + ".")}
-            inputs, outputs = _split(attn, hidden)
-            outputs = outputs[-1:]
-            attention.append(
-                AttentionBlock(
-                    attn_path,
-                    inputs,
-                    outputs[0] if outputs else None,
-                    _role(inputs, QUERY_NAMES),
-                    _role(inputs, VALUE_NAMES),
-                )  # fmt: skip
-            )
+            inputs, outputs = _split(attn, hidden, last_writer=True)
+            query, value = _role(inputs, list(attn), QUERY_NAMES), _role(inputs, list(attn), VALUE_NAMES)
+            attention.append(AttentionBlock(attn_path, inputs, outputs[0] if outputs else None, query, value))
         # The MLP: a submodule whose class says so; else, beside an attention block, the layer's other linear
         # layers (OPT's fc1/fc2, BERT's intermediate/output); a layer without either (Mamba) has none.
         mlp_path = _block_path(layer, path, _MLP_CLASS, skip=attn_path)
@@ -316,7 +324,7 @@ def _trace(model: nn.Module, structure: Structure) -> None:
     names = {id(m): n for n, m in replica.named_modules()}
     hooks = []
     for name, module in replica.named_modules():
-        if isinstance(module, LINEAR_TYPES):
+        if is_linear(module):
 
             def record(mod, args, kwargs, name=name):
                 x = args[0] if args else next(iter(kwargs.values()), None)
@@ -345,10 +353,13 @@ def _trace(model: nn.Module, structure: Structure) -> None:
         for hook in hooks:
             hook.remove()
     seen = {names[k]: v for k, v in recorder.attention.items() if k in names}
+    order = list(names.values())
+    structure.attention_calls = {p: seen[p] for p in sorted(seen, key=order.index)}
     for block in structure.attention:
-        if block.path in seen:
-            block.interface = True
-            block.kv_heads, block.head_dim, block.features = seen[block.path]
+        inside = [p for p in seen if p == block.path or p.startswith(block.path + ".")]
+        if len(inside) == 1:
+            block.interface = inside[0]
+            block.kv_heads, block.head_dim, block.features = seen[inside[0]]
     by_input: dict[int, list[str]] = {}
     for name, key in recorder.inputs.items():
         by_input.setdefault(key, []).append(name)
