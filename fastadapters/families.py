@@ -38,7 +38,7 @@ PARALLEL_TARGETS: dict[str, tuple[str, ...]] = {}
 PREFIX_ATTENTION: dict[str, tuple[str, str]] = {"bloom": ("self_attention", "bloom")}
 # Attention-function arguments the prefix attention op does not reproduce: prefix tuning refuses them, named.
 UNSUPPORTED_ATTENTION = {
-    "softcap": "attention logit soft-capping (config.attn_logit_softcapping; set it to None to use prefix tuning)",
+    "softcap": "attention logit soft-capping (config.attn_logit_softcapping; None turns it off)",
     "s_aux": "attention sinks (learned per-head sink logits)",
     "sinks": "attention sinks (learned per-head sink logits)",
 }
@@ -126,7 +126,7 @@ def attention_paths(model: nn.Module, table: dict = PREFIX_ATTENTION) -> tuple[l
             f"{len(found.attention)} attention blocks, e.g. {outside[0]!r}) computes attention itself "
             f"(traced forward: {found.trace})"
         )
-    for path, (_, _, features) in found.attention_calls.items():
+    for _, _, features in found.attention_calls.values():
         for feature in features:
             if feature in UNSUPPORTED_ATTENTION:
                 raise ValueError(
@@ -168,8 +168,8 @@ def _roles(model: nn.Module, what: str) -> list[str]:
     if what in ("lora", "parallel"):
         if not found.attention:
             raise ValueError(
-                f"no attention block found in {type(model).__name__} (a submodule of each decoder layer whose "
-                f"class is named *Attention*); pass target_modules explicitly. Found: {describe(found)}"
+                f"no attention block found in {type(model).__name__} (a submodule of each decoder layer "
+                f"whose class is named *Attention*); pass target_modules explicitly. Found: {describe(found)}"
             )
         for block in found.attention:
             picked = (block.query, block.value) if what == "lora" else block.inputs

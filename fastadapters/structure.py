@@ -101,20 +101,15 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
-def is_linear(module: nn.Module) -> bool:
-    """An nn.Linear or Conv1D that computes a linear map: subclasses with their own forward (Llama 4's
-    router returns scores and indices) are not linear layers here."""
-    return isinstance(module, LINEAR_TYPES) and type(module).forward in (nn.Linear.forward, Conv1D.forward)
-
-
-def _named_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
-    """clean name -> linear layer under `module` (through adapter wrappers), in definition order."""
+def _named_linears(module: nn.Module, prefix: str = "", skip=frozenset()) -> dict[str, nn.Module]:
+    """clean name -> linear layer under `module` (through adapter wrappers), in definition order; `skip`:
+    names of nn.Linear subclasses the trace saw return something else than one output (Llama 4's router)."""
     found = {}
     for name, sub in module.named_modules(prefix=prefix):
         if name.rpartition(".")[2] == "base_layer" or ".base_layer." in name:
             continue
         base = _unwrap(sub)
-        if is_linear(base):
+        if isinstance(base, LINEAR_TYPES) and _clean(name) not in skip:
             found[_clean(name)] = base
     return found
 
@@ -202,14 +197,14 @@ def _role(inputs: tuple[str, ...], names: list[str], leaves: tuple[str, ...]) ->
     return None
 
 
-def _static_structure(model: nn.Module) -> Structure:
+def _static_structure(model: nn.Module, skip=frozenset()) -> Structure:
     hidden = _hidden_size(model)
     head = _head_names(model)
     layers = _decoder_layers(model, head)
     attention, mlp, layer_of = [], [], {}
     for path in layers:
         layer = model.get_submodule(path)
-        linears = _named_linears(layer, path)
+        linears = _named_linears(layer, path, skip)
         layer_of.update(dict.fromkeys(linears, path))
         attn_path = _block_path(layer, path, _ATTENTION_CLASS)
         attn = {}
@@ -235,7 +230,7 @@ def _static_structure(model: nn.Module) -> Structure:
         layers=layers,
         attention=tuple(attention),
         mlp=tuple(mlp),
-        linears=tuple(_named_linears(model)),
+        linears=tuple(_named_linears(model, "", skip)),
         head=head,
         layer_of=layer_of,
     )
@@ -252,6 +247,7 @@ class _Recorder:
         self.keep: list = []  # keeps the input tensors alive, so their ids stay unique
         self.attention: dict[int, tuple[int, int, tuple[str, ...]]] = {}
         self.failures: list[str] = []
+        self.not_linear: set[str] = set()
 
 
 _RECORDER: _Recorder | None = None
@@ -301,15 +297,15 @@ def _guarded(module: nn.Module) -> None:
     module.forward = run
 
 
-def _trace(model: nn.Module, structure: Structure) -> None:
-    """Runs a meta-device replica of `model` (built from its config) on 4 tokens; fills in the groups and
-    the attention blocks' interface use from what the forward saw."""
+def _trace(model: nn.Module, structure: Structure) -> tuple[_Recorder, dict] | None:
+    """Runs a meta-device replica of `model` (built from its config) on 4 tokens; returns what the forward
+    saw and the replica's module names (by id), or None (structure.trace says why)."""
     global _RECORDER
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
         structure.trace = f"{type(model).__name__} is not a transformers PreTrainedModel"
-        return
+        return None
     recorder = _Recorder()
     try:
         _register_probe()
@@ -320,11 +316,12 @@ def _trace(model: nn.Module, structure: Structure) -> None:
         replica.set_attn_implementation(PROBE)
     except Exception as exc:  # noqa: BLE001
         structure.trace = f"no meta replica ({type(exc).__name__}: {str(exc)[:120]})"
-        return
+        return None
     names = {id(m): n for n, m in replica.named_modules()}
     hooks = []
     for name, module in replica.named_modules():
-        if is_linear(module):
+        if isinstance(module, LINEAR_TYPES):
+            width = _shape(module)[1]
 
             def record(mod, args, kwargs, name=name):
                 x = args[0] if args else next(iter(kwargs.values()), None)
@@ -332,7 +329,12 @@ def _trace(model: nn.Module, structure: Structure) -> None:
                     recorder.inputs[name] = id(x)
                     recorder.keep.append(x)
 
+            def check(mod, args, out, name=name, width=width):
+                if not isinstance(out, torch.Tensor) or out.shape[-1] != width:
+                    recorder.not_linear.add(name)
+
             hooks.append(module.register_forward_pre_hook(record, with_kwargs=True))
+            hooks.append(module.register_forward_hook(check))
     for path in structure.layers:
         layer = replica.get_submodule(path)
         _guarded(layer)
@@ -352,6 +354,11 @@ def _trace(model: nn.Module, structure: Structure) -> None:
         _RECORDER = None
         for hook in hooks:
             hook.remove()
+    return recorder, names
+
+
+def _apply_trace(structure: Structure, recorder: _Recorder, names: dict) -> None:
+    """Fills in the groups and the attention blocks' interface use from what the traced forward saw."""
     seen = {names[k]: v for k, v in recorder.attention.items() if k in names}
     order = list(names.values())
     structure.attention_calls = {p: seen[p] for p in sorted(seen, key=order.index)}
@@ -362,7 +369,8 @@ def _trace(model: nn.Module, structure: Structure) -> None:
             block.kv_heads, block.head_dim, block.features = seen[inside[0]]
     by_input: dict[int, list[str]] = {}
     for name, key in recorder.inputs.items():
-        by_input.setdefault(key, []).append(name)
+        if name not in recorder.not_linear:
+            by_input.setdefault(key, []).append(name)
     structure.groups = tuple(
         tuple(names)
         for names in by_input.values()
@@ -383,7 +391,13 @@ def read_structure(model: nn.Module) -> Structure:
         return cached
     structure = _static_structure(model)
     if structure.layers:
-        _trace(model, structure)
+        traced = _trace(model, structure)
+        if traced is not None:
+            recorder, names = traced
+            if recorder.not_linear:
+                trace, structure = structure.trace, _static_structure(model, frozenset(recorder.not_linear))
+                structure.trace = trace
+            _apply_trace(structure, recorder, names)
         traced = {n for group in structure.groups for n in group}
         untraced = [g for g in _fallback_groups(structure) if not traced.intersection(g)]
         if structure.trace != "complete":

@@ -80,14 +80,15 @@ def report(results: dict) -> str:
         "# Model sweep: every causal LM of the installed transformers",
         "",
         f"transformers {transformers.__version__}, torch {torch.__version__}, {platform.machine()} CPU, "
-        f"{time.strftime('%Y-%m-%d')}. Written by `scripts/model_sweep.py` (tiny random models built from each "
-        "config class; see tests/any_model.py).",
+        f"{time.strftime('%Y-%m-%d')}. Written by `scripts/model_sweep.py` (tiny random models built from "
+        "each config class; see tests/any_model.py).",
         "",
-        f"Causal LM model types found: **{len(results)}** ({len({v['class'] for v in results.values()})} distinct "
-        f"classes); built tiny: **{len(built)}**; skipped: {len(results) - len(built)}.",
+        f"Causal LM model types found: **{len(results)}** ({len({v['class'] for v in results.values()})} "
+        f"distinct classes); built tiny: **{len(built)}**; skipped: {len(results) - len(built)}.",
         "",
         "Per kind, *yes* means every check passed: apply, forward (the adapter changes the logits), backward "
-        "(finite gradients, some non-zero), generate, remove restores the exact base (state dict and logits); "
+        "(finite gradients, some non-zero), generate, remove restores the exact base (state dict and "
+        "logits); "
         "LoRA logits equal PEFT's on the same targets; prefix greedy generation with the KV cache equals it "
         "without. *refused* is a clear ValueError before anything changes; *FAIL* anything else.",
         "",
@@ -96,9 +97,8 @@ def report(results: dict) -> str:
     ]
     for kind in any_model.KINDS:
         cells = [_cell(v["kinds"][kind]) for v in built.values()]
-        lines.append(
-            f"| {kind} | {cells.count('yes')} of {len(built)} | {cells.count('refused')} | {cells.count('FAIL')} |"
-        )
+        counts = " | ".join(str(cells.count(c)) for c in ("refused", "FAIL"))
+        lines.append(f"| {kind} | {cells.count('yes')} of {len(built)} | {counts} |")
     lines += ["", "| model type | class | " + " | ".join(any_model.KINDS) + " | trace |"]
     lines += ["|---" * (len(any_model.KINDS) + 3) + "|"]
     for model_type, v in built.items():

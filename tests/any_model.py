@@ -83,7 +83,8 @@ def build(model_type: str, seed: int = 0):
             if size > MAX_PARAMS:
                 return (
                     None,
-                    f"not tiny with the generic sizes ({size / 1e6:.0f}M parameters: multimodal or fixed sizes)",
+                    f"not tiny with the generic sizes ({size / 1e6:.0f}M parameters: multimodal or fixed "
+                    "sizes)",
                 )
             torch.manual_seed(seed)
             model = cls(config).eval()
