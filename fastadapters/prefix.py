@@ -2,8 +2,9 @@
 
 Prefix tuning (PrefixConfig). Every attention layer owns learned keys and values [Hkv, P, D] (its
 `fastadapters_prefix`), which `fastadapters.ops.prefix_attention` attends to before the sequence, always
-visible, without copying them per row. Families whose attention goes through transformers' attention
-registry (Llama, Mistral, Qwen2, GPT-J, GPT-NeoX, GPT-2, OPT) get a registered attention function and
+visible, without copying them per row. Models whose attention goes through transformers' attention
+registry (found by fastadapters.structure's traced forward; with each layer's key/value heads and head
+size, and refused when it uses logit soft-capping or attention sinks) get a registered attention function and
 mask function under the name "fastadapters_prefix"; the KV cache holds real tokens only, so
 `generate` (greedy, sampling, beam search, left padding) needs nothing special. The prefix is
 position-free: real tokens keep positions 0..S-1 (PEFT instead shifts them by P), and prefix keys are

@@ -52,11 +52,6 @@ class AttentionBlock:
     value: str | None
     interface: str | None = None  # the module (this block or inside it) that calls transformers' attention
     # interface in the traced forward: where a prefix goes
-    kv_heads: int | None = None
-    head_dim: int | None = None
-    features: tuple[
-        str, ...
-    ] = ()  # attention-function arguments in use: "softcap", "s_aux", "sliding_window"
 
 
 @dataclass
@@ -366,7 +361,6 @@ def _apply_trace(structure: Structure, recorder: _Recorder, names: dict) -> None
         inside = [p for p in seen if p == block.path or p.startswith(block.path + ".")]
         if len(inside) == 1:
             block.interface = inside[0]
-            block.kv_heads, block.head_dim, block.features = seen[inside[0]]
     by_input: dict[int, list[str]] = {}
     for name, key in recorder.inputs.items():
         if name not in recorder.not_linear:
