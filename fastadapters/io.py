@@ -40,16 +40,22 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous() for name, p in adapter_named_parameters(model)}
 
 
-def save(model: nn.Module, directory: str) -> None:
-    """Writes the model's adapter to `directory` as fastadapters_config.json + adapter.safetensors."""
+def saved_config(model: nn.Module) -> dict:
+    """The adapter config as `save` writes it: a bottleneck config also records where each adapter sits
+    (`placements`), so that load places it the same way."""
     config = _config(model)
-    os.makedirs(directory, exist_ok=True)
-    save_file(adapter_state_dict(model), os.path.join(directory, WEIGHTS_NAME))
     saved = config_to_dict(config)
-    if isinstance(config, BottleneckConfig):  # where each adapter sits, so that load places it the same way
+    if isinstance(config, BottleneckConfig):
         placed = {n: (m, m.placement) for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)}
         saved["placements"] = saved_placements(model, placed)
-    meta = {"format_version": 1, "config": saved, "base_model": _base_signature(model)}
+    return saved
+
+
+def save(model: nn.Module, directory: str) -> None:
+    """Writes the model's adapter to `directory` as fastadapters_config.json + adapter.safetensors."""
+    os.makedirs(directory, exist_ok=True)
+    save_file(adapter_state_dict(model), os.path.join(directory, WEIGHTS_NAME))
+    meta = {"format_version": 1, "config": saved_config(model), "base_model": _base_signature(model)}
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2)
 
