@@ -40,12 +40,10 @@ from fastadapters.config import BottleneckConfig, LoraConfig, PrefixConfig
 from fastadapters.families import (
     LINEAR_TYPES,
     PLACEMENTS,
-    PREFIX_ATTENTION,
     attention_paths,
     base_weight,
     bottleneck_placement,
     lora_targets,
-    model_type,
     shared_input_groups,
 )
 from fastadapters.kernels import ACTIVATIONS
@@ -440,11 +438,14 @@ class AdapterBank:
         exactly the keys, float tensors and shapes that applying `config` to this model would create."""
         where = f"adapter {name!r} ({source})"
         if isinstance(config, PrefixConfig):
-            family = model_type(self.model)
-            if PREFIX_ATTENTION.get(family, (None, None))[1] != "registry":
+            try:
+                route = attention_paths(self.model)[1]
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+            if route != "registry":
                 raise ValueError(
-                    f"{where}: AdapterBank serves prefix adapters on families whose attention "
-                    f"goes through transformers' attention registry, not {family!r}"
+                    f"{where}: AdapterBank serves prefix adapters on models whose attention goes through "
+                    f"transformers' attention interface, not {type(self.model).__name__}"
                 )
         check_state(self.model, config, state, where)
         if isinstance(config, LoraConfig):
@@ -489,11 +490,9 @@ class AdapterBank:
         modules = dict(self.model.named_modules())
         todo = set(paths)
         for path in paths:
-            parent, _, leaf = path.rpartition(".")
             for group in shared_input_groups(self.model):
-                if leaf in group:
-                    siblings = [f"{parent}.{g}" if parent else g for g in group]
-                    todo.update(p for p in siblings if p in modules)
+                if path in group:
+                    todo.update(p for p in group if p in modules)
         for path in sorted(todo):
             module = modules[path]
             if path in self._wrapped or not isinstance(module, LINEAR_TYPES):
@@ -525,12 +524,10 @@ class AdapterBank:
         for path in sorted(self._wrapped):
             if path in seen:
                 continue
-            parent, _, leaf = path.rpartition(".")
             members = (path,)
             for group in groups:
-                if leaf in group:
-                    full = [f"{parent}.{g}" if parent else g for g in group]
-                    members = tuple(p for p in full if p in self._wrapped)
+                if path in group:
+                    members = tuple(p for p in group if p in self._wrapped)
             if len(members) > 1 and with_input_adapter.intersection(members):
                 members = (path,)
             seen.update(members)

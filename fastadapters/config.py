@@ -97,7 +97,10 @@ class BottleneckConfig:
     Series (the default, AdapterH): each target's kind comes from its family's placement table: "mh" targets
     (Llama gate_proj, up_proj) get the adapter on their input, "output" targets (down_proj) on their output.
     use_adapterp=True (AdapterP) and use_parallel_adapter=True (beside each target: W x + b + adapter(x))
-    change the default targets; target_modules=None takes them from the family's table. scaling is a float
+    change the default targets; target_modules=None takes them from the model's structure (the MLP's
+    projections for AdapterH, its output projections for AdapterP, the attention input projections for the
+    parallel adapter). placements (module name or dotted suffix -> "mh" / "output", or "parallel" for the
+    parallel adapter) fixes where each adapter sits; fastadapters.save writes it. scaling is a float
     or "learned" (a trainable scalar starting at 1). init_weights: "bert" draws both projections from
     N(0, 0.02); "mam_adapter" uses kaiming-uniform down and zero up. Projections have no bias.
     """
@@ -110,6 +113,7 @@ class BottleneckConfig:
     use_adapterp: bool = False
     target_modules: list[str] | None = None
     init_weights: str = "bert"
+    placements: dict[str, str] | None = None
     adapter_type: str = field(default="bottleneck", init=False)
 
     def __post_init__(self):
@@ -133,6 +137,19 @@ class BottleneckConfig:
             )
         check_field("init_weights", self.init_weights, "choice", choices=("bert", "mam_adapter"))
         self.target_modules = _check_targets(self.target_modules)
+        if self.placements is not None:
+            allowed = ("parallel",) if self.use_parallel_adapter else ("mh", "output")
+            p = self.placements
+            if (
+                not isinstance(p, dict)
+                or not p
+                or not all(isinstance(k, str) and k and v in allowed for k, v in p.items())
+            ):
+                raise ValueError(
+                    f"placements must be None or a non-empty dict of module name -> one of {allowed} (for "
+                    f"use_parallel_adapter={self.use_parallel_adapter}), got {p!r}"
+                )
+            self.placements = dict(p)
 
     @property
     def learned_scaling(self) -> bool:

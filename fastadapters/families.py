@@ -1,10 +1,16 @@
-"""What fastadapters knows about each model family, in one place (as Liger-Kernel's monkey_patch.py).
+"""Where adapters go on a model: read from the model's structure, with per-family overrides (one place).
 
-A family is a HuggingFace `config.model_type`. Per family: LoRA's default targets, the linear layers that
-share one input (their LoRAs share one shrink), where bottleneck adapters sit, and which attention modules
-prefix tuning reaches and how. Around the tables, the few functions that read a model's structure: its
-family, its linear layers and their shapes, its attention layers' key/value shape, and the targets and
-placements a config resolves to. Adding a family means adding rows here, not code.
+The placement of every adapter kind is derived from the model itself (fastadapters.structure): its decoder
+layers, each layer's attention block and MLP with their linear layers by role, and which linear layers
+read one input. This works on any `*ForCausalLM` whose layers follow the usual shape:
+- LoRA's default targets are LLM-Adapters' choice, the query and value projections (a fused qkv layer
+  when the model has one); `target_modules="all-linear"` is PEFT's: every linear layer but the output head;
+- shared-input groups (q/k/v, gate/up: their LoRAs share one shrink) are seen in a traced forward;
+- bottleneck adapters (LLM-Adapters): an MLP input projection gets a series adapter on its input ("mh"),
+  an MLP output projection on its output ("output"); AdapterH's default targets are the MLP's projections,
+  AdapterP's its output projections, the parallel adapter's the attention input projections;
+- prefix tuning reaches every attention block that calls transformers' attention interface.
+The tables below hold only what differs from what the structure gives (keyed by `config.model_type`).
 
 Vocabulary: a *placement* is where an adapter sits on a linear layer ("mh": on its input, "output": on
 its output, "parallel": beside it); a shared-input *group* is a set of linear layers that read one input
@@ -15,60 +21,27 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-# The linear layer types adapters wrap: nn.Linear and HF's transposed Conv1D (GPT-2).
-LINEAR_TYPES = (nn.Linear, Conv1D)
+from fastadapters.structure import LINEAR_TYPES, Structure, describe, read_structure
 
-_LLAMA_LIKE = ("llama", "mistral", "qwen2")
-_QKV = ("q_proj", "k_proj", "v_proj")
-
-# Families whose attention input projection is one fused q/k/v layer: it is their attention target.
-_FUSED_QKV = {"bloom": ("query_key_value",), "gpt_neox": ("query_key_value",), "gpt2": ("c_attn",)}
-
-# Default LoRA targets of LLM-Adapters' finetune script (GPT-2 has no q/v split: its fused c_attn).
-LORA_TARGETS = {**dict.fromkeys((*_LLAMA_LIKE, "opt", "gptj"), ("q_proj", "v_proj")), **_FUSED_QKV}
-
-# Linear layers that read the same input tensor; their LoRAs share one shrink (the grouped op).
-SHARED_INPUT_GROUPS = {
-    **dict.fromkeys(_LLAMA_LIKE, (_QKV, ("gate_proj", "up_proj"))),
-    **dict.fromkeys(("opt", "gptj"), (_QKV,)),
-}
-
-# Bottleneck placements, after LLM-Adapters (peft/src/peft/tuners/bottleneck.py, its adapter-type
-# mapping): an "mh" target gets the adapter on its input, an "output" target on its output, a "parallel"
-# adapter sits beside any target. LLM-Adapters lists llama, bloom, gptj and opt; the other families follow
-# the same rule: the MLP's input projections are "mh", its output projection "output". Keys match a
-# module's name or a dotted suffix of it (GPT-2's attention has a c_proj too, hence "mlp.c_proj").
 PLACEMENTS = ("mh", "output", "parallel")
-BOTTLENECK_PLACEMENTS = {
-    **dict.fromkeys(_LLAMA_LIKE, {"gate_proj": "mh", "up_proj": "mh", "down_proj": "output"}),
-    "bloom": {"dense_h_to_4h": "mh", "dense_4h_to_h": "output"},
-    "gpt_neox": {"dense_h_to_4h": "mh", "dense_4h_to_h": "output"},
-    "gptj": {"fc_in": "mh", "fc_out": "output"},
-    "opt": {"fc1": "mh", "fc2": "output"},
-    "gpt2": {"mlp.c_fc": "mh", "mlp.c_proj": "output"},
-}
+
+# Overrides, per model_type, of what the structure gives (none needed for LoRA and bottleneck adapters on
+# the families checked: tests/test_families.py pins the eight original families' placements).
+LORA_TARGETS: dict[str, tuple[str, ...]] = {}  # default LoRA targets (names or dotted suffixes)
+BOTTLENECK_PLACEMENTS: dict[str, dict[str, str]] = {}  # name or dotted suffix -> "mh" / "output"
 BOTTLENECK_KINDS = BOTTLENECK_PLACEMENTS  # the former name
-# Default targets (LLM-Adapters peft/src/peft/mapping.py): AdapterH takes every module of the placement
-# table, AdapterP the output placement, the parallel adapter the attention projections. (The paper's best
-# parallel runs pass target_modules=["up_proj", "down_proj"] explicitly.)
-ADAPTERH_TARGETS = {family: tuple(table) for family, table in BOTTLENECK_PLACEMENTS.items()}
-ADAPTERP_TARGETS = {
-    family: tuple(k for k, v in table.items() if v == "output")
-    for family, table in BOTTLENECK_PLACEMENTS.items()
+ADAPTERH_TARGETS: dict[str, tuple[str, ...]] = {}
+ADAPTERP_TARGETS: dict[str, tuple[str, ...]] = {}
+PARALLEL_TARGETS: dict[str, tuple[str, ...]] = {}
+# Prefix tuning: (attention module name suffix, route) where the attention interface is not the way in:
+# "bloom" = a patched BloomAttention.forward (ALiBi attention outside the interface; a dense bias).
+PREFIX_ATTENTION: dict[str, tuple[str, str]] = {"bloom": ("self_attention", "bloom")}
+# Attention-function arguments the prefix attention op does not reproduce: prefix tuning refuses them, named.
+UNSUPPORTED_ATTENTION = {
+    "softcap": "attention logit soft-capping (config.attn_logit_softcapping; None turns it off)",
+    "s_aux": "attention sinks (learned per-head sink logits)",
+    "sinks": "attention sinks (learned per-head sink logits)",
 }
-PARALLEL_TARGETS = {**dict.fromkeys((*_LLAMA_LIKE, "opt", "gptj"), _QKV), **_FUSED_QKV}
-
-# Prefix tuning: each family's attention module (name suffix) and how the prefix reaches its attention:
-# "registry" = transformers' attention registry (fastadapters.prefix registers "fastadapters_prefix");
-# "bloom" = a patched BloomAttention.forward (ALiBi attention outside the registry; slower, dense bias).
-PREFIX_ATTENTION = {
-    **dict.fromkeys((*_LLAMA_LIKE, "opt"), ("self_attn", "registry")),
-    "gptj": ("attn", "registry"),
-    "gpt2": ("attn", "registry"),
-    "gpt_neox": ("attention", "registry"),
-    "bloom": ("self_attention", "bloom"),
-}
-
 
 # ------------------------------------------------------------------------------------------ structure
 
@@ -105,25 +78,71 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
-def shared_input_groups(model: nn.Module) -> tuple:
-    """The family's shared-input groups: tuples of leaf names whose layers read one input."""
-    return SHARED_INPUT_GROUPS.get(model_type(model), ())
+def structure(model: nn.Module) -> Structure:
+    """The model's structure (fastadapters.structure.read_structure); ValueError when no decoder layers."""
+    found = read_structure(model)
+    if not found.layers:
+        raise ValueError(
+            f"cannot read the structure of {type(model).__name__} (model_type {model_type(model)!r}): "
+            "no nn.ModuleList of repeated layers holding linear layers (the decoder layers) was found; "
+            f"its linear layers are {list(found.linears)[:24]}; pass target_modules explicitly (LoRA, "
+            "parallel adapter), or BottleneckConfig(target_modules=..., placements={name: 'mh' | 'output'}) "
+            "for series adapters"
+        )
+    return found
+
+
+def shared_input_groups(model: nn.Module) -> tuple[tuple[str, ...], ...]:
+    """Groups of full module names whose linear layers read one input tensor (seen in a traced forward)."""
+    return read_structure(model).groups
 
 
 def attention_paths(model: nn.Module, table: dict = PREFIX_ATTENTION) -> tuple[list[str], str]:
-    """(paths of the attention modules in layer order, prefix route) for prefix tuning on this family."""
+    """(paths of the attention modules in layer order, prefix route) for prefix tuning on this model:
+    route "registry" (transformers' attention interface) or a `table` override ("bloom").
+
+    Raises ValueError, naming the reason, when the model's attention cannot take a prefix.
+    """
     family = model_type(model)
-    if family not in table:
-        raise ValueError(f"prefix tuning supports model_type in {sorted(table)}, got {family!r}")
-    suffix, route = table[family]
-    paths = [n for n, _ in model.named_modules() if n == suffix or n.endswith("." + suffix)]
-    if not paths:
-        raise ValueError(f"no attention module named '*.{suffix}' in {type(model).__name__}")
-    return paths, route
+    if family in table:
+        suffix, route = table[family]
+        paths = [n for n, _ in model.named_modules() if matches(n, suffix)]
+        if not paths:
+            raise ValueError(f"no attention module named '*.{suffix}' in {type(model).__name__}")
+        return paths, route
+    found = structure(model)
+    if not found.attention:
+        raise ValueError(
+            f"prefix tuning found no attention block in the decoder layers of {type(model).__name__}: it "
+            "needs attention modules (a class named *Attention*) calling transformers' attention interface. "
+            f"Found: {describe(found)}"
+        )
+    outside = [b.path for b in found.attention if not b.interface]
+    if outside:
+        cls = type(model.get_submodule(outside[0])).__name__
+        raise ValueError(
+            f"prefix tuning needs attention through transformers' attention interface "
+            f"(ALL_ATTENTION_FUNCTIONS); {type(model).__name__}'s {cls} ({len(outside)} of "
+            f"{len(found.attention)} attention blocks, e.g. {outside[0]!r}) computes attention itself "
+            f"(traced forward: {found.trace})"
+        )
+    for _, _, features in found.attention_calls.values():
+        for feature in features:
+            if feature in UNSUPPORTED_ATTENTION:
+                raise ValueError(
+                    f"prefix tuning does not support {UNSUPPORTED_ATTENTION[feature]} ({feature!r}, used by "
+                    f"{type(model).__name__}'s attention): the prefix attention op does not compute it"
+                )
+    # Every module that calls the interface gets a prefix (also attention outside the decoder layers found).
+    return list(found.attention_calls), "registry"
 
 
 def kv_shape(model: nn.Module, attn: nn.Module) -> tuple[int, int]:
-    """(key/value heads, head_dim) of the model's attention module `attn`."""
+    """(key/value heads, head_dim) of the model's attention module `attn`: as the traced forward saw them,
+    else from the config."""
+    for path, (kv_heads, head_dim, _) in read_structure(model).attention_calls.items():
+        if model.get_submodule(path) is attn:
+            return kv_heads, head_dim
     cfg = model.config
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -133,23 +152,60 @@ def kv_shape(model: nn.Module, attn: nn.Module) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------------------ targets
 
-
-def resolve_targets(model: nn.Module, targets, table: dict, what: str) -> list[str]:
-    """The target names: the given list, else the family's default from `table`."""
-    if targets is not None:
-        return list(targets)
-    family = model_type(model)
-    if family not in table:
-        raise ValueError(
-            f"model_type {family!r} has no default {what} targets (known families: {sorted(table)}); "
-            "pass target_modules explicitly"
-        )
-    return list(table[family])
+ALL_LINEAR = "all-linear"
 
 
 def matches(name: str, target: str) -> bool:
     """Whether module name `name` is `target` or ends with '.' + target."""
     return name == target or name.endswith("." + target)
+
+
+def _roles(model: nn.Module, what: str) -> list[str]:
+    """Full module names of a structural default: "lora" (query and value projections), "adapterh"
+    (the MLP projections), "adapterp" (the MLP output projections), "parallel" (attention inputs)."""
+    found = structure(model)
+    names: list[str] = []
+    if what in ("lora", "parallel"):
+        if not found.attention:
+            raise ValueError(
+                f"no attention block found in {type(model).__name__} (a submodule of each decoder layer "
+                f"whose class is named *Attention*); pass target_modules explicitly. Found: {describe(found)}"
+            )
+        for block in found.attention:
+            picked = (block.query, block.value) if what == "lora" else block.inputs
+            if not picked or None in picked:
+                raise ValueError(
+                    f"cannot tell the query and value projections of {block.path!r} (its input projections: "
+                    f"{[found.relative(n) for n in block.inputs]}); pass target_modules explicitly. "
+                    f"Found: {describe(found)}"
+                )
+            names += [n for n in picked if n not in names]
+        return names
+    for block in found.mlp:
+        names += list(block.outputs) if what == "adapterp" else [*block.inputs, *block.outputs]
+    if not names:
+        raise ValueError(
+            f"series adapters sit on the MLP's linear projections, and {type(model).__name__} has no MLP "
+            "with linear layers (MoE experts stored as 3-D parameters are no linear layers); use "
+            "use_parallel_adapter=True or LoRA, or pass target_modules with placements={name: 'mh' | "
+            f"'output'}}. Found: {describe(found)}"
+        )
+    return names
+
+
+def resolve_targets(model: nn.Module, targets, table: dict, what: str) -> list[str]:
+    """The target names: the given list ("all-linear": every linear layer but the output head, as PEFT),
+    else the family's override from `table`, else the structural default for `what` ("lora", "adapterh",
+    "adapterp", "parallel")."""
+    if targets is not None:
+        if list(targets) == [ALL_LINEAR]:
+            found = read_structure(model)
+            return [n for n in found.linears if n not in found.head]
+        return list(targets)
+    family = model_type(model)
+    if family in table:
+        return list(table[family])
+    return _roles(model, what)
 
 
 def find_targets(model: nn.Module, targets: list[str], types=LINEAR_TYPES) -> dict[str, nn.Module]:
@@ -172,42 +228,80 @@ def find_targets(model: nn.Module, targets: list[str], types=LINEAR_TYPES) -> di
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in named if isinstance(unwrap(m), LINEAR_TYPES)})
         raise ValueError(
             f"target_modules {unmatched} match no module of the model; its linear layers are {leaves}"
+            f" (or pass target_modules='{ALL_LINEAR}')"
         )
     return found
 
 
 def lora_targets(model: nn.Module, config) -> dict[str, nn.Module]:
     """name -> linear layer for every target of a LoraConfig on `model`."""
-    return find_targets(model, resolve_targets(model, config.target_modules, LORA_TARGETS, "LoRA"))
+    return find_targets(model, resolve_targets(model, config.target_modules, LORA_TARGETS, "lora"))
+
+
+def series_placements(model: nn.Module) -> dict[str, str]:
+    """name (or dotted suffix) -> "mh" / "output" for series bottleneck adapters: the family's override,
+    else every MLP input projection "mh" and every MLP output projection "output"."""
+    family = model_type(model)
+    if family in BOTTLENECK_PLACEMENTS:
+        return dict(BOTTLENECK_PLACEMENTS[family])
+    found = read_structure(model)
+    table = {}
+    for block in found.mlp:
+        table.update(dict.fromkeys(block.inputs, "mh"))
+        table.update(dict.fromkeys(block.outputs, "output"))
+    return table
 
 
 def bottleneck_placement(model: nn.Module, config) -> dict[str, tuple[nn.Module, str]]:
     """name -> (linear layer, placement) for every target of a BottleneckConfig, placement being "mh",
-    "output" or "parallel".
+    "output" or "parallel". `config.placements` (name or dotted suffix -> placement; what fastadapters.save
+    writes) overrides the structure's.
 
-    Raises ValueError, before anything changes, when a series target has no placement in the family's table.
+    Raises ValueError, before anything changes, when a series target has no placement.
     """
+    given = getattr(config, "placements", None)
     if config.use_parallel_adapter:
-        targets = resolve_targets(model, config.target_modules, PARALLEL_TARGETS, "parallel-adapter")
+        targets = config.target_modules
+        if targets is None and given:
+            targets = list(given)
+        targets = resolve_targets(model, targets, PARALLEL_TARGETS, "parallel")
         return {name: (module, "parallel") for name, module in find_targets(model, targets).items()}
-    table, what = (ADAPTERP_TARGETS, "AdapterP") if config.use_adapterp else (ADAPTERH_TARGETS, "AdapterH")
-    targets = resolve_targets(model, config.target_modules, table, what)
-    family = model_type(model)
-    table = BOTTLENECK_PLACEMENTS.get(family)
-    if table is None:
-        raise ValueError(
-            f"model_type {family!r} has no bottleneck placement table (known families: "
-            f"{sorted(BOTTLENECK_PLACEMENTS)}); series adapters need it to tell mh (input) targets from "
-            "output targets. use_parallel_adapter=True works on any linear layer"
-        )
+    if config.target_modules is None and given:
+        targets = list(given)
+    elif config.use_adapterp:
+        targets = resolve_targets(model, config.target_modules, ADAPTERP_TARGETS, "adapterp")
+    else:
+        targets = resolve_targets(model, config.target_modules, ADAPTERH_TARGETS, "adapterh")
+    table = dict(given) if given else series_placements(model)
     placement = {}
     for name, module in find_targets(model, targets).items():
         hits = {where for key, where in table.items() if matches(name, key)}
         if len(hits) != 1:
+            found = read_structure(model)
+            kinds = sorted({f"{found.relative(k)}: {v}" for k, v in table.items()})
             raise ValueError(
-                f"target module {name!r} is neither of the mh nor of the output kind in the {family} "
-                f"placement table {table}; series adapters go on those modules "
-                "(or set use_parallel_adapter=True)"
+                f"target module {name!r} is neither of the mh nor of the output kind in the placement table "
+                f"of {type(model).__name__} {kinds}; series adapters go on the MLP's input (mh) and output "
+                "projections (or set use_parallel_adapter=True, or pass placements={name: 'mh' | 'output'})"
             )
         placement[name] = (module, hits.pop())
     return placement
+
+
+def saved_placements(model: nn.Module, placement: dict[str, tuple[nn.Module, str]]) -> dict[str, str]:
+    """The placements of bottleneck_placement's result as written into a saved config: names relative to
+    their decoder layer ("mlp.up_proj": "mh") when every layer agrees, else full names."""
+    found = read_structure(model)
+    relative: dict[str, str] = {}
+    for name, (_, where) in placement.items():
+        short = found.relative(name)
+        if relative.setdefault(short, where) != where:
+            return {name: where for name, (_, where) in sorted(placement.items())}
+    full = {name: where for name, (_, where) in placement.items()}
+    # Relative names must pick out exactly the placed modules again.
+    again = {
+        n for n, _ in model.named_modules() if "base_layer" not in n and any(matches(n, k) for k in relative)
+    }
+    if again != set(full):
+        return dict(sorted(full.items()))
+    return dict(sorted(relative.items()))

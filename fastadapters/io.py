@@ -16,7 +16,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fastadapters.config import LoraConfig, _check_targets, config_from_dict, config_to_dict
+from fastadapters.config import BottleneckConfig, LoraConfig, _check_targets, config_from_dict, config_to_dict
+from fastadapters.families import saved_placements
+from fastadapters.layers import BottleneckAdapter
 from fastadapters.patch import _config, adapter_named_parameters, apply, check_bare, check_state, remove
 
 CONFIG_NAME = "fastadapters_config.json"
@@ -38,12 +40,22 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous() for name, p in adapter_named_parameters(model)}
 
 
+def saved_config(model: nn.Module) -> dict:
+    """The adapter config as `save` writes it: a bottleneck config also records where each adapter sits
+    (`placements`), so that load places it the same way."""
+    config = _config(model)
+    saved = config_to_dict(config)
+    if isinstance(config, BottleneckConfig):
+        placed = {n: (m, m.placement) for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)}
+        saved["placements"] = saved_placements(model, placed)
+    return saved
+
+
 def save(model: nn.Module, directory: str) -> None:
     """Writes the model's adapter to `directory` as fastadapters_config.json + adapter.safetensors."""
-    config = _config(model)
     os.makedirs(directory, exist_ok=True)
     save_file(adapter_state_dict(model), os.path.join(directory, WEIGHTS_NAME))
-    meta = {"format_version": 1, "config": config_to_dict(config), "base_model": _base_signature(model)}
+    meta = {"format_version": 1, "config": saved_config(model), "base_model": _base_signature(model)}
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2)
 

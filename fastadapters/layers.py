@@ -21,6 +21,19 @@ class AdapterModule(nn.Module):
                 yield name, p
 
 
+class _WrapsLinear(AdapterModule):
+    """An adapter around a linear layer: `weight` and `bias` are the wrapped layer's (as PEFT's layers), for
+    models that read them directly (Mamba's mixer)."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype the layer computes in: autocast's when active, else the base weight's."""
     if torch.is_autocast_enabled(x.device.type):
@@ -28,7 +41,15 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-class LoraLinear(AdapterModule):
+def writable(y: torch.Tensor) -> torch.Tensor:
+    """`y`, copied when autograd tracks it as a view of a multi-output op: models that add into a linear
+    layer's output in place (Falcon's `mlp_output += attention_output`) would otherwise fail in training."""
+    if y.requires_grad and y._is_view():
+        return y.clone()
+    return y
+
+
+class LoraLinear(_WrapsLinear):
     """y = base(x) + scale · B(A(dropout(x))) around a frozen nn.Linear or HF Conv1D (GPT-2).
 
     The adapter weights are kept in fp32 when the base is fp16/bf16 (as PEFT does) and cast to the
@@ -78,7 +99,8 @@ class LoraLinear(AdapterModule):
         if self.group is not None and not torch.compiler.is_compiling():
             return self.group.output(self, x)
         dtype = compute_dtype(x, self.base_layer.weight)
-        return ops.lora_linear(x.to(dtype), *self.operands(dtype), self.scale, self.dropout_p, self.training)
+        y = ops.lora_linear(x.to(dtype), *self.operands(dtype), self.scale, self.dropout_p, self.training)
+        return writable(y)
 
     def delta_weight(self) -> torch.Tensor:
         """scale · B A in the base weight's layout and dtype."""
@@ -140,7 +162,7 @@ class LoraGroup:
     def output(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
         hit = self._pending.pop(id(layer), None)
         if hit is not None and hit[0]() is x and hit[1] == x._version:
-            return hit[2]
+            return writable(hit[2])
         members = self.members
         if any(m.merged or m.dropout_p != layer.dropout_p or m.training != layer.training for m in members):
             members = [layer]
@@ -155,10 +177,10 @@ class LoraGroup:
         )
         ref = weakref.ref(x)
         self._pending = {id(m): (ref, x._version, y) for m, y in zip(members, ys) if m is not layer}
-        return ys[members.index(layer)]
+        return writable(ys[members.index(layer)])
 
 
-class BottleneckAdapter(AdapterModule):
+class BottleneckAdapter(_WrapsLinear):
     """A frozen nn.Linear (or HF Conv1D) with an LLM-Adapters bottleneck A(t) = s · up(f(down(drop(t)))).
 
     placement "mh" (on the input): base(x + A(x)); "output": h + A(h) with h = base(x); "parallel":
@@ -227,8 +249,8 @@ class BottleneckAdapter(AdapterModule):
             return self.base_layer(self.adapter(x, dtype).to(x.dtype))
         y = self.base_layer(x)
         if self.placement == "output":
-            return self.adapter(y, dtype)
-        return self.adapter(x, dtype, residual=y)
+            return writable(self.adapter(y, dtype))
+        return writable(self.adapter(x, dtype, residual=y))
 
     @property
     def kind(self) -> str:

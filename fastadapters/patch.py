@@ -1,7 +1,7 @@
 """Apply adapters to a HuggingFace model in place, and undo it; the state dict an adapter expects.
 
-What each family needs (targets, shared-input groups, placements, attention modules) lives in
-fastadapters.families; adding a family means adding rows there, not code. Each adapter type registers
+Where adapters go (targets, shared-input groups, placements, attention modules) is read from the model by
+fastadapters.families (its structure, with per-family overrides). Each adapter type registers
 (apply, remove) in ADAPTER_KINDS keyed by its config class; `apply` validates everything before it changes
 the model, so a bad config leaves the model untouched. `expected_state` gives the keys and shapes of the
 tensors a config puts on a model; io.load and AdapterBank both validate a state dict with `check_state`.
@@ -20,7 +20,6 @@ from fastadapters.families import (  # noqa: F401  (the tables stay importable f
     LORA_TARGETS,
     PARALLEL_TARGETS,
     PREFIX_ATTENTION,
-    SHARED_INPUT_GROUPS,
     bottleneck_placement,
     find_targets,
     linear_shape,
@@ -47,14 +46,11 @@ def _apply_lora(model: nn.Module, config: LoraConfig) -> None:
     for name, layer in layers.items():
         set_submodule(model, name, layer)
     for group in shared_input_groups(model):
-        parents = {n.rpartition(".")[0] for n in layers if n.rpartition(".")[2] == group[0]}
-        for parent in parents:
-            members = [layers.get(f"{parent}.{leaf}" if parent else leaf) for leaf in group]
-            members = [m for m in members if m is not None]
-            if len(members) > 1:
-                shared = LoraGroup(members)
-                for m in members:
-                    m.group = shared
+        members = [layers[name] for name in group if name in layers]
+        if len(members) > 1:
+            shared = LoraGroup(members)
+            for m in members:
+                m.group = shared
 
 
 def _apply_bottleneck(model: nn.Module, config: BottleneckConfig) -> None:

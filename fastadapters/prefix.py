@@ -2,8 +2,9 @@
 
 Prefix tuning (PrefixConfig). Every attention layer owns learned keys and values [Hkv, P, D] (its
 `fastadapters_prefix`), which `fastadapters.ops.prefix_attention` attends to before the sequence, always
-visible, without copying them per row. Families whose attention goes through transformers' attention
-registry (Llama, Mistral, Qwen2, GPT-J, GPT-NeoX, GPT-2, OPT) get a registered attention function and
+visible, without copying them per row. Models whose attention goes through transformers' attention
+registry (found by fastadapters.structure's traced forward; with each layer's key/value heads and head
+size, and refused when it uses logit soft-capping or attention sinks) get a registered attention function and
 mask function under the name "fastadapters_prefix"; the KV cache holds real tokens only, so
 `generate` (greedy, sampling, beam search, left padding) needs nothing special. The prefix is
 position-free: real tokens keep positions 0..S-1 (PEFT instead shifts them by P), and prefix keys are
@@ -124,6 +125,12 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
             f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) has no prefix, but the "
             f"model uses the {ATTENTION_NAME!r} attention; apply a PrefixConfig with fastadapters.apply"
         )
+    for feature in ("softcap", "s_aux", "sinks"):
+        if kwargs.get(feature) is not None:
+            raise NotImplementedError(
+                f"{type(module).__name__} passes {feature}={kwargs[feature]!r} to its attention function, "
+                "which prefix tuning does not support (logit soft-capping, attention sinks)"
+            )
     if dropout and module.training:
         raise NotImplementedError(
             f"attention dropout {dropout} is not supported with prefix tuning; set the model config's "
@@ -243,9 +250,15 @@ def _bloom_prefix_forward(
 def build_prefix(model: nn.Module, config: PrefixConfig, paths: list[str], device, dtype) -> dict:
     """The modules prefix tuning adds, keyed by where they go: ENCODER_ATTR (on the model) for
     prefix_projection, else '<attention path>.' + PREFIX_ATTR for each attention layer."""
-    kv_heads, head_dim = kv_shape(model, model.get_submodule(paths[0]))
+    shapes = [kv_shape(model, model.get_submodule(path)) for path in paths]
     P = config.num_virtual_tokens
     if config.prefix_projection:
+        if len(set(shapes)) > 1:
+            raise ValueError(
+                "prefix_projection=True needs one key/value shape in every attention layer; this model has "
+                f"(key/value heads, head size) {sorted(set(shapes))}: use prefix_projection=False"
+            )
+        kv_heads, head_dim = shapes[0]
         hidden = model.config.hidden_size
         encoder_hidden = config.encoder_hidden_size or hidden
         return {
@@ -253,7 +266,10 @@ def build_prefix(model: nn.Module, config: PrefixConfig, paths: list[str], devic
                 len(paths), kv_heads, P, head_dim, hidden, encoder_hidden, device, dtype
             )
         }
-    return {f"{path}.{PREFIX_ATTR}": PrefixKV(kv_heads, P, head_dim, device, dtype) for path in paths}
+    return {
+        f"{path}.{PREFIX_ATTR}": PrefixKV(kv_heads, P, head_dim, device, dtype)
+        for path, (kv_heads, head_dim) in zip(paths, shapes)
+    }
 
 
 def own_config(model: nn.Module) -> None:

@@ -386,7 +386,7 @@ def load_checkpoint_adapter(model, config, path: str) -> None:
         io.check_base(model, base, path)
     except (ValueError, OSError) as exc:
         raise UsageError(f"cannot resume from {path}: {exc}") from None
-    ours, theirs = config_to_dict(config), config_to_dict(saved)
+    ours, theirs = io.saved_config(model), config_to_dict(saved)
     differ = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
     if differ:
         detail = ", ".join(f"{k}: checkpoint {theirs.get(k)!r}, now {ours.get(k)!r}" for k in differ)

@@ -20,6 +20,7 @@ from fastadapters import families, layers, patch
 from fastadapters.bank import AdapterBank
 from fastadapters.io import WEIGHTS_NAME, adapter_state_dict
 from fastadapters.patch import check_state, expected_state
+from fastadapters.structure import read_structure
 
 CONFIGS = {
     "lora": lambda: fastadapters.LoraConfig(r=3),
@@ -139,7 +140,7 @@ def test_bank_and_io_load_give_the_same_verdict(kind, how, tmp_path):
 
 
 def test_old_names_stay_importable():
-    names = ["LORA_TARGETS", "SHARED_INPUT_GROUPS", "BOTTLENECK_KINDS", "BOTTLENECK_PLACEMENTS"]
+    names = ["LORA_TARGETS", "BOTTLENECK_KINDS", "BOTTLENECK_PLACEMENTS"]
     names += ["ADAPTERH_TARGETS", "ADAPTERP_TARGETS", "PARALLEL_TARGETS", "PREFIX_ATTENTION", "LINEAR_TYPES"]
     names += ["model_type", "bottleneck_placement", "find_targets", "resolve_targets", "matches"]
     for name in names:
@@ -148,17 +149,65 @@ def test_old_names_stay_importable():
     assert layers.BottleneckAdapter.KINDS == families.PLACEMENTS
 
 
-def test_every_family_has_every_table():
-    tables = ("LORA_TARGETS", "BOTTLENECK_PLACEMENTS", "ADAPTERH_TARGETS", "ADAPTERP_TARGETS",
-              "PARALLEL_TARGETS", "PREFIX_ATTENTION")  # fmt: skip
-    for name in tables:
-        assert set(getattr(families, name)) == set(FAMILIES), name
-    assert set(families.SHARED_INPUT_GROUPS) <= set(FAMILIES)
-    assert {p for table in families.BOTTLENECK_PLACEMENTS.values() for p in table.values()} == {
-        "mh",
-        "output",
+# The tables the eight original families had before placement was read from the model: the structure
+# must give exactly these (targets as leaf names or dotted suffixes, groups as leaf names).
+_LLAMA = ("llama", "mistral", "qwen2")
+_QKV = ("q_proj", "k_proj", "v_proj")
+_FUSED = {"bloom": ("query_key_value",), "gpt_neox": ("query_key_value",), "gpt2": ("c_attn",)}
+OLD_LORA = {**dict.fromkeys((*_LLAMA, "opt", "gptj"), ("q_proj", "v_proj")), **_FUSED}
+OLD_GROUPS = {**dict.fromkeys(_LLAMA, (_QKV, ("gate_proj", "up_proj"))), "opt": (_QKV,), "gptj": (_QKV,)}
+OLD_PLACEMENTS = {
+    **dict.fromkeys(_LLAMA, {"gate_proj": "mh", "up_proj": "mh", "down_proj": "output"}),
+    "bloom": {"dense_h_to_4h": "mh", "dense_4h_to_h": "output"},
+    "gpt_neox": {"dense_h_to_4h": "mh", "dense_4h_to_h": "output"},
+    "gptj": {"fc_in": "mh", "fc_out": "output"},
+    "opt": {"fc1": "mh", "fc2": "output"},
+    "gpt2": {"mlp.c_fc": "mh", "mlp.c_proj": "output"},
+}
+OLD_PARALLEL = {**dict.fromkeys((*_LLAMA, "opt", "gptj"), _QKV), **_FUSED}
+OLD_PREFIX = {
+    **dict.fromkeys((*_LLAMA, "opt"), ("self_attn", "registry")),
+    "gptj": ("attn", "registry"),
+    "gpt2": ("attn", "registry"),
+    "gpt_neox": ("attention", "registry"),
+    "bloom": ("self_attention", "bloom"),
+}
+
+
+def _expand(model, table: dict) -> dict:
+    """full module name -> value for every module matching a key of `table` (name or dotted suffix)."""
+    return {n: v for n, _ in model.named_modules() for k, v in table.items() if families.matches(n, k)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_structure_gives_the_original_tables(family):
+    model = tiny_model(family)
+    lora = sorted(families.lora_targets(model, fastadapters.LoraConfig()))
+    assert lora == sorted(_expand(model, dict.fromkeys(OLD_LORA[family], 1)))
+    series = families.bottleneck_placement(model, fastadapters.BottleneckConfig())
+    assert {n: p for n, (_, p) in series.items()} == _expand(model, OLD_PLACEMENTS[family])
+    adapterp = families.bottleneck_placement(model, fastadapters.BottleneckConfig(use_adapterp=True))
+    assert {n: p for n, (_, p) in adapterp.items()} == {
+        n: p for n, p in _expand(model, OLD_PLACEMENTS[family]).items() if p == "output"
     }
-    assert families.BOTTLENECK_KINDS is families.BOTTLENECK_PLACEMENTS
+    parallel = families.bottleneck_placement(model, fastadapters.BottleneckConfig(use_parallel_adapter=True))
+    assert sorted(parallel) == sorted(_expand(model, dict.fromkeys(OLD_PARALLEL[family], 1)))
+    paths, route = families.attention_paths(model)
+    suffix, old_route = OLD_PREFIX[family]
+    assert (paths, route) == ([n for n, _ in model.named_modules() if families.matches(n, suffix)], old_route)
+    # Every old group is (within) a traced group of the same layer; GPT-J's fc_in reads q/k/v's input too.
+    groups = families.shared_input_groups(model)
+    for old in OLD_GROUPS.get(family, ()):
+        for layer in read_structure(model).layers:
+            names = {f"{layer}.{p}" for p in ("self_attn", "attn", "mlp")}
+            wanted = {f"{parent}.{leaf}" for parent in names for leaf in old} & set(
+                dict(model.named_modules())
+            )
+            assert any(wanted <= set(g) for g in groups), (family, old, groups)
+    extra = {n.rpartition(".")[2] for g in groups for n in g} - {
+        leaf for g in OLD_GROUPS.get(family, ()) for leaf in g
+    }
+    assert extra == ({"fc_in"} if family == "gptj" else set()), extra
 
 
 def test_layer_shapes_and_placements():

@@ -18,6 +18,7 @@ ABOVE_OPS = (
     "io",
     "prefix",
     "families",
+    "structure",
     "peft_accel",
     "serving",
     "train",

@@ -12,7 +12,7 @@ from models import FAMILIES, VOCAB, tiny_model, trainer_loss_before_after
 from transformers.pytorch_utils import Conv1D
 
 import fastadapters
-from fastadapters.families import LORA_TARGETS
+from fastadapters.families import lora_targets
 from fastadapters.layers import LoraLinear
 from fastadapters.patch import adapter_named_parameters
 
@@ -48,7 +48,7 @@ def randomize_adapter(model, seed: int = 1) -> None:
 def make_pair(family: str, targets=None, dropout: float = 0.0, seed: int = 0):
     """(base, ours, theirs): one base model, patched by fastadapters and by peft with the same A/B."""
     base = tiny_model(family, seed=seed)
-    names = list(targets) if targets is not None else list(LORA_TARGETS[family])
+    names = list(targets) if targets is not None else sorted(lora_targets(base, fastadapters.LoraConfig()))
     ours = fastadapters.apply(
         copy.deepcopy(base),
         fastadapters.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=targets),

@@ -19,7 +19,7 @@ from transformers import DynamicCache
 
 import fastadapters as fa
 from fastadapters import prefix as prefix_mod
-from fastadapters.families import PREFIX_ATTENTION
+from fastadapters.families import attention_paths
 from fastadapters.ops import use_backend
 from fastadapters.patch import adapter_named_parameters
 
@@ -31,8 +31,7 @@ F32 = torch.float32
 
 
 def attention_modules(model):
-    suffix, _ = PREFIX_ATTENTION[model.config.model_type]
-    return [m for n, m in model.named_modules() if n.endswith("." + suffix)]
+    return [model.get_submodule(path) for path in attention_paths(model)[0]]
 
 
 def prefixes_of(model):
