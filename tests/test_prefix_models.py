@@ -143,7 +143,7 @@ def test_apply_switches_the_attention_or_refuses_clearly(family):
     """After fa.apply the registry families' attention is fastadapters'; where transformers refuses to switch
     it (GPT-J under 5.17 only logs a warning), apply raises and leaves the model as it was."""
     model = tiny_model(family)
-    route = PREFIX_ATTENTION[model.config.model_type][1]
+    route = attention_paths(model)[1]
     if refused(family):
         with pytest.raises(NotImplementedError, match=f"model_type '{family}'.*transformers"):
             fa.apply(model, fa.PrefixConfig(num_virtual_tokens=P))
