@@ -168,7 +168,12 @@ def test_a_refused_attention_switch_raises_and_undoes_apply(monkeypatch):
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask).logits
     previous = model.config._attn_implementation
-    monkeypatch.setattr(type(model), "set_attn_implementation", lambda self, name: None)
+    switch = type(model).set_attn_implementation  # the structure's traced forward still switches for itself
+
+    def refuse(self, name):
+        return None if name == prefix_mod.ATTENTION_NAME else switch(self, name)
+
+    monkeypatch.setattr(type(model), "set_attn_implementation", refuse)
     with pytest.raises(NotImplementedError, match="model_type 'llama'.*refused to switch"):
         fa.apply(model, fa.PrefixConfig(num_virtual_tokens=P))
     assert model.config._attn_implementation == previous
