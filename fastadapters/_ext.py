@@ -190,8 +190,8 @@ def jit(build: bool = True) -> bool:
     again (`fastadapters build-ext` does). With build=False it only loads an earlier build from the cache,
     and this process then never compiles (`fastadapters backends`)."""
     global _jit_tried, ERROR
-    if AVAILABLE or _jit_tried:
-        return AVAILABLE
+    if AVAILABLE or _jit_tried or "fastadapters._C" in sys.modules:
+        return AVAILABLE  # (an installed _C is loaded: a second library would register its ops twice)
     with _jit_lock:
         if AVAILABLE or _jit_tried:
             return AVAILABLE

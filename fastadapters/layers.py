@@ -41,14 +41,6 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def writable(y: torch.Tensor) -> torch.Tensor:
-    """`y`, copied when autograd tracks it as a view of a multi-output op: models that add into a linear
-    layer's output in place (Falcon's `mlp_output += attention_output`) would otherwise fail in training."""
-    if y.requires_grad and y._is_view():
-        return y.clone()
-    return y
-
-
 class LoraLinear(_WrapsLinear):
     """y = base(x) + scale · B(A(dropout(x))) around a frozen nn.Linear or HF Conv1D (GPT-2).
 
@@ -99,8 +91,7 @@ class LoraLinear(_WrapsLinear):
         if self.group is not None and not torch.compiler.is_compiling():
             return self.group.output(self, x)
         dtype = compute_dtype(x, self.base_layer.weight)
-        y = ops.lora_linear(x.to(dtype), *self.operands(dtype), self.scale, self.dropout_p, self.training)
-        return writable(y)
+        return ops.lora_linear(x.to(dtype), *self.operands(dtype), self.scale, self.dropout_p, self.training)
 
     def delta_weight(self) -> torch.Tensor:
         """scale · B A in the base weight's layout and dtype."""
@@ -162,7 +153,7 @@ class LoraGroup:
     def output(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
         hit = self._pending.pop(id(layer), None)
         if hit is not None and hit[0]() is x and hit[1] == x._version:
-            return writable(hit[2])
+            return hit[2]
         members = self.members
         if any(m.merged or m.dropout_p != layer.dropout_p or m.training != layer.training for m in members):
             members = [layer]
@@ -177,7 +168,7 @@ class LoraGroup:
         )
         ref = weakref.ref(x)
         self._pending = {id(m): (ref, x._version, y) for m, y in zip(members, ys) if m is not layer}
-        return writable(ys[members.index(layer)])
+        return ys[members.index(layer)]
 
 
 class BottleneckAdapter(_WrapsLinear):
@@ -249,8 +240,8 @@ class BottleneckAdapter(_WrapsLinear):
             return self.base_layer(self.adapter(x, dtype).to(x.dtype))
         y = self.base_layer(x)
         if self.placement == "output":
-            return writable(self.adapter(y, dtype))
-        return writable(self.adapter(x, dtype, residual=y))
+            return self.adapter(y, dtype)
+        return self.adapter(x, dtype, residual=y)
 
     @property
     def kind(self) -> str:
