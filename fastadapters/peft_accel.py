@@ -48,6 +48,12 @@ def _scale(scale) -> float:
     return scale.item() if isinstance(scale, torch.Tensor) else scale
 
 
+def _fusable_scale(scale) -> bool:
+    """Whether the fused ops can take this scaling: a number, or a one-element tensor outside
+    torch.compile (reading it there would break the graph; PEFT's path keeps it a tensor)."""
+    return not isinstance(scale, torch.Tensor) or (scale.numel() == 1 and not torch.compiler.is_compiling())
+
+
 class AcceleratedLoraLinear(peft_lora.Linear):
     """PEFT's lora.Linear with its vanilla-LoRA forward replaced by the fastadapters ops.
 
@@ -79,8 +85,7 @@ class AcceleratedLoraLinear(peft_lora.Linear):
                 return False
             if lora_a.weight.device != x.device:
                 return False
-            scale = self.scaling[name]
-            if isinstance(scale, torch.Tensor) and (scale.numel() != 1 or torch.compiler.is_compiling()):
+            if not _fusable_scale(self.scaling[name]):
                 return False
         return True
 
@@ -224,8 +229,7 @@ class AcceleratedLoraEmbedding(peft_lora.Embedding):
                 return None
             if self.lora_embedding_A[name].device != x.device:
                 return None
-            scale = self.scaling[name]
-            if isinstance(scale, torch.Tensor) and (scale.numel() != 1 or torch.compiler.is_compiling()):
+            if not _fusable_scale(self.scaling[name]):
                 return None
         return active or None
 
@@ -296,8 +300,7 @@ class _AcceleratedConv:
                 return None
             if lora_a.weight.device != x.device:
                 return None
-            scale = self.scaling[name]
-            if isinstance(scale, torch.Tensor) and (scale.numel() != 1 or torch.compiler.is_compiling()):
+            if not _fusable_scale(self.scaling[name]):
                 return None
         return active or None
 
