@@ -60,7 +60,8 @@ class PackedBatch:
 
 def _layout(batch: PackedBatch, device) -> tuple:
     """The step's sequences padded to one shape, computed once per step (every layer shares it):
-    (read_table [S, L] slots, q_index [S, n] packed rows (T: padding), query_ok [S, n], key_ok [S, n, L])."""
+    (read_table [S, L] slots, q_index [S, n] packed rows (T: padding), query_ok [S, n], key_ok [S, n, L],
+    distance [S, n, L]: query position minus key position)."""
     if batch._layout is None:
         S = batch.num_seqs
         n = [batch.q_starts[s + 1] - batch.q_starts[s] for s in range(S)]
@@ -75,8 +76,9 @@ def _layout(batch: PackedBatch, device) -> tuple:
         query_ok = i[..., 0] < torch.tensor(n, device=device)[:, None]
         q_index = torch.where(query_ok, torch.tensor(batch.q_starts[:-1], device=device)[:, None] + i[..., 0],
                               batch.num_tokens)  # fmt: skip
-        key_ok = (j <= ctx + i) & (j < lens)
-        batch._layout = (read, q_index, query_ok, key_ok)
+        distance = ctx + i - j
+        key_ok = (distance >= 0) & (j < lens)
+        batch._layout = (read, q_index, query_ok, key_ok, distance)
     return batch._layout
 
 
@@ -93,12 +95,9 @@ def paged_attention(
 
     prefixes: None, or (key, value) [S, P, Hkv, D] and lengths [S] (padded; length 0: no prefix), as
     `pad_prefixes` builds them. All sequences run as one batched matmul pair, padded to the longest."""
-    read, q_index, query_ok, key_ok = _layout(batch, query.device)
+    read, q_index, query_ok, key_ok, distance = _layout(batch, query.device)
     if sliding_window:
-        ctx = torch.tensor(batch.context, device=query.device)[:, None, None]
-        i = torch.arange(q_index.shape[1], device=query.device)[None, :, None]
-        j = torch.arange(read.shape[1], device=query.device)[None, None, :]
-        key_ok = key_ok & (j > ctx + i - sliding_window)  # transformers' sliding-window overlay
+        key_ok = key_ok & (distance < sliding_window)  # transformers' sliding-window overlay
     k, v = k_cache[read], v_cache[read]  # [S, L, Hkv, D]
     if prefixes is not None:
         pk, pv, plen = prefixes
